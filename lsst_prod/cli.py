@@ -1,0 +1,396 @@
+"""``lsst-prod``: the command line.  The only place that prints to the user or picks exit codes.
+
+Exit codes: 0 success; 1 the run finished with failed (or blocked) quanta, or
+validation bounds were not met; 2 bad input (configuration, planning, missing
+repository or run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, LsstProdError, PlanningError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+# ----------------------------------------------------------------------------- progress
+class RichProgress:
+    """Per-stage progress bars driven by the executor (start/advance/stop)."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._counts: dict[str, Counter] = {}
+
+    def start(self, counts_by_stage: Counter) -> None:
+        self._progress.start()
+        for stage, n in counts_by_stage.items():
+            self._tasks[stage] = self._progress.add_task(stage, total=n, detail="")
+            self._counts[stage] = Counter()
+
+    def advance(self, stage: str, status: str) -> None:
+        self._counts[stage][status] += 1
+        c = self._counts[stage]
+        detail = " ".join(f"{k}={v}" for k, v in sorted(c.items()) if k != "succeeded")
+        self._progress.update(self._tasks[stage], advance=1, detail=detail)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=err_console, show_path=False, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("lsst_prod").setLevel(level)
+
+
+def _repo_arg(args: argparse.Namespace, campaign=None, must_exist: bool = True):
+    from .repo import Repository
+
+    root = args.repo or os.environ.get("LSST_PROD_REPO")
+    if root is None and campaign is not None:
+        root = campaign.repo_path()
+    if root is None:
+        raise ConfigError("no repository given: pass --repo DIR (or set LSST_PROD_REPO)")
+    if must_exist:
+        try:
+            return Repository.open(root)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+    return Repository.create(root)
+
+
+def _run_arg(args: argparse.Namespace, repo) -> str:
+    from .execution.runs import newest_run
+
+    return args.run or newest_run(repo)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .config.campaign import load_campaign
+
+    campaign = load_campaign(args.campaign)
+    from .sim.writer import simulate_to_repo
+
+    sim = campaign.config.simulation
+    if sim is None:
+        raise ConfigError(f"{campaign.doc.where(())}: the campaign has no 'simulation' block to simulate from")
+    repo = _repo_arg(args, campaign, must_exist=False)
+    with Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("simulate", total=None)
+
+        def cb(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        summary = simulate_to_repo(sim, repo.root, progress=cb)
+    console.print(f"simulated into [bold]{repo.root}[/bold]: " + ", ".join(f"{k}={v}" for k, v in summary.items()
+                                                                          if not isinstance(v, (dict, list))))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config.campaign import load_campaign
+    from .graph.planner import plan
+
+    campaign = load_campaign(args.campaign, site_override=args.site)
+    repo = _repo_arg(args, campaign)
+    graph = plan(repo, campaign, run=f"{campaign.config.release}/plan-preview")
+    table = Table(title=f"plan for {campaign.config.release} ({repo.root})")
+    table.add_column("stage")
+    table.add_column("quanta", justify="right")
+    table.add_column("dimensions")
+    from .stages import STAGES
+
+    for stage, n in graph.counts_by_stage().items():
+        table.add_row(stage, str(n), ", ".join(STAGES[stage].dimensions))
+    table.add_row("[bold]total", f"[bold]{len(graph)}", "")
+    console.print(table)
+    edges = sum(len(q.depends_on) for q in graph)
+    prereq = len({r.path for q in graph for r in q.prerequisites})
+    console.print(f"{edges} dependency edges, {prereq} pre-existing input datasets; nothing was run or written")
+    return EXIT_OK
+
+
+def _finish_run(repo, run: str, result, as_json: bool = False) -> int:
+    from .provenance.report import build_report
+
+    report = build_report(repo, run, with_quanta=False)
+    _print_report(report)
+    console.print(run)
+    return EXIT_OK if report["complete"] else EXIT_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .config.campaign import load_campaign
+    from .execution.runs import new_run_name, submit
+
+    campaign = load_campaign(args.campaign, site_override=args.site)
+    repo = _repo_arg(args, campaign)
+    run = args.run or new_run_name(campaign)
+    console.print(f"run [bold]{run}[/bold] on site [bold]{campaign.site.name}[/bold] ({campaign.site.executor}, "
+                  f"{campaign.site.workers()} workers)")
+    result = submit(repo, campaign, run, progress=None if args.no_progress else RichProgress())
+    return _finish_run(repo, run, result)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from .execution.runs import restart
+
+    repo = _repo_arg(args)
+    run = _run_arg(args, repo)
+    console.print(f"restarting run [bold]{run}[/bold]")
+    result = restart(repo, run, progress=None if args.no_progress else RichProgress(), site_override=args.site)
+    if sum(result.counts.values()) == 0:
+        console.print("nothing to re-run: every quantum succeeded and its outputs match their checksums")
+    return _finish_run(repo, run, result)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .execution.driver import DriverLock, plan_dir
+    from .provenance.report import status_counts
+
+    repo = _repo_arg(args)
+    run = _run_arg(args, repo)
+    counts = status_counts(repo, run)
+    holder = DriverLock(plan_dir(repo, run) / "driver.lock").holder()
+    if args.json:
+        console.print_json(json.dumps({"run": run, "driver": holder, "stages": counts}))
+        return EXIT_OK
+    state = f"running (driver pid {holder['pid']} on {holder['host']})" if holder else "not running"
+    table = Table(title=f"{run}: {state}")
+    cols = ("succeeded", "nowork", "running", "submitted", "planned", "failed", "blocked")
+    table.add_column("stage")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for stage, c in counts.items():
+        table.add_row(stage, *(str(c.get(k, 0)) for k in cols))
+    console.print(table)
+    return EXIT_OK
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}{unit}"
+    return f"{v}{unit}"
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    t = report["totals"]
+    head = "[green]complete[/green]" if report["complete"] else "[red]incomplete[/red]"
+    console.print(f"\n[bold]Report for {report['run']}[/bold]: {head}; {t['quanta']} quanta, "
+                  f"{t['succeeded']} succeeded, {t['nowork']} no work, {t['failed']} failed, {t['blocked']} blocked, "
+                  f"{t['attempts']} attempts; hosts {', '.join(report['hosts']) or '-'}")
+    table = Table(title="stages")
+    for col in ("stage", "quanta", "ok", "failed", "blocked", "retries", "wall med (s)", "wall max (s)",
+                "cpu total (s)", "peak RSS (MiB)"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, s in report["stages"].items():
+        tm = s.get("timing", {})
+        table.add_row(stage, str(s["quanta"]), str(s["succeeded"] + s["nowork"]), str(s["failed"]), str(s["blocked"]),
+                      str(s.get("retries", 0)), _fmt(tm.get("wall_s_median")), _fmt(tm.get("wall_s_max")),
+                      _fmt(tm.get("cpu_s_total")), _fmt(tm.get("peak_rss_mib_max")))
+    console.print(table)
+    for stage, s in report["stages"].items():
+        if s.get("summary"):
+            console.print(f"[bold]{stage}[/bold] summary: " +
+                          ", ".join(f"{k}={_fmt(v)}" for k, v in s["summary"].items()))
+    if report["failures"]:
+        ft = Table(title="failed and blocked quanta")
+        for col in ("quantum", "status", "attempts", "error", "reason"):
+            ft.add_column(col)
+        for f in report["failures"][:50]:
+            ft.add_row(escape(f["quantum_id"]), f["status"], str(f["attempts"]), f["error_class"] or "",
+                       escape((f["error_message"] or "")[:160]))
+        console.print(ft)
+        if len(report["failures"]) > 50:
+            console.print(f"... and {len(report['failures']) - 50} more (see --json)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .provenance.report import build_report
+
+    repo = _repo_arg(args)
+    run = _run_arg(args, repo)
+    try:
+        report = build_report(repo, run, with_quanta=args.json)
+    except KeyError as exc:
+        raise PlanningError(str(exc.args[0])) from None
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        _print_report(report)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate.single_frame import validate_run
+
+    repo = _repo_arg(args)
+    run = _run_arg(args, repo)
+    metrics = validate_run(repo, run)
+    if args.json:
+        sys.stdout.write(json.dumps(metrics, indent=2, default=float) + "\n")
+    else:
+        table = Table(title=f"validation of {run} against simulator truth")
+        for col in ("metric", "value", "bound", "pass"):
+            table.add_column(col)
+        for name, m in metrics.get("checks", {}).items():
+            table.add_row(name, _fmt(m["value"]), m["bound"], "[green]yes" if m["pass"] else "[red]no")
+        console.print(table)
+    return EXIT_OK if metrics.get("all_pass", False) or not args.strict else EXIT_FAILED
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .provenance.trace import trace_source
+
+    repo = _repo_arg(args)
+    run = _run_arg(args, repo)
+    tree = trace_source(repo, run, args.source_id)
+    sys.stdout.write(json.dumps(tree, indent=2, default=str) + "\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lsst-prod",
+        description="Run data-release productions: simulate a survey, plan a campaign into a quantum graph, "
+                    "execute it with Parsl, and inspect provenance, failures and validation against truth.",
+        epilog="Exit codes: 0 success, 1 some quanta failed (or validation failed with --strict), 2 bad input.",
+    )
+    p.add_argument("--version", action="version", version=f"lsst-prod {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (with quantum data IDs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def repo_opt(sp, help_extra=""):
+        sp.add_argument("--repo", metavar="DIR", help="data repository (default: $LSST_PROD_REPO" + help_extra + ")")
+
+    def run_opt(sp):
+        sp.add_argument("run", nargs="?", metavar="RUN", help="run name (default: the newest run in the repository)")
+
+    s = sub.add_parser("simulate", help="write a campaign's simulated survey (raw, calibs, refcat, truth)",
+                       description="Simulate the survey described by the campaign's 'simulation' block into a data "
+                                   "repository: raw FITS images with instrument headers, bias/flat/defects, a "
+                                   "Gaia-like reference catalogue and Parquet truth tables. Deterministic (seeded); "
+                                   "re-running overwrites the same files.")
+    s.add_argument("campaign", metavar="CAMPAIGN", help="campaign YAML file")
+    repo_opt(s, ", else the campaign's 'repo'")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("plan", help="show the quantum graph a campaign would run, without running anything",
+                       description="Expand the campaign into quanta (stage x data ID) against the repository's "
+                                   "registry and print the counts per stage. Writes nothing.")
+    s.add_argument("campaign", metavar="CAMPAIGN")
+    repo_opt(s, ", else the campaign's 'repo'")
+    s.add_argument("--site", metavar="SITE.yaml", help="override the campaign's site file")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("submit", help="plan and execute a campaign as a new run",
+                       description="Plan the campaign, execute every quantum with Parsl on the site, record "
+                                   "provenance, print the report. The run's name is the last line of output. "
+                                   "Exit 0 when every quantum succeeded, 1 when some failed, 2 for bad input.")
+    s.add_argument("campaign", metavar="CAMPAIGN")
+    repo_opt(s, ", else the campaign's 'repo'")
+    s.add_argument("--site", metavar="SITE.yaml", help="override the campaign's site file")
+    s.add_argument("--run", metavar="NAME", help="run name (default: RELEASE/UTC-timestamp)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("restart", help="re-run exactly what failed or never finished in a run (and its dependents)",
+                       description="Re-run the quanta of RUN that failed, were blocked, never finished (e.g. the "
+                                   "driver was killed) or whose outputs are missing or fail their checksum, plus "
+                                   "everything downstream of them; nothing else. Attempts are numbered on from the "
+                                   "previous ones, so the report shows them all.")
+    run_opt(s)
+    repo_opt(s)
+    s.add_argument("--site", metavar="SITE.yaml", help="run on another site than the run's own")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_restart)
+
+    s = sub.add_parser("status", help="progress of a (running) run per stage",
+                       description="Per-stage counts of quanta by state, and whether a driver is running the run.")
+    run_opt(s)
+    repo_opt(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("report", help="per-stage counts, failures with reasons, timings",
+                       description="Report a run from provenance: quanta per stage and state, failures and "
+                                   "blocked quanta with their error class and message, retries, timings, peak "
+                                   "memory, stage summaries. --json adds every quantum with all its attempts.")
+    run_opt(s)
+    repo_opt(s)
+    s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("validate", help="compare a run's outputs with the simulator's truth",
+                       description="Match outputs to the simulator's truth tables and print metrics (astrometric "
+                                   "rms, zero-point errors, completeness, flux pulls) with their bounds.")
+    run_opt(s)
+    repo_opt(s)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--strict", action="store_true", help="exit 1 if any bound is not met")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("trace", help="trace a Source row back to the raw pixels and calibrations that made it",
+                       description="Unpack a sourceId, find the Source table that holds it and walk provenance "
+                                   "back to datasets no quantum produced (raw, calibrations, reference catalogue), "
+                                   "with checksums, code versions and parameters.")
+    run_opt(s)
+    repo_opt(s)
+    s.add_argument("--source-id", type=int, required=True, metavar="ID")
+    s.set_defaults(func=cmd_trace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except (ConfigError, PlanningError) as exc:
+        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        return EXIT_BAD_INPUT
+    except LsstProdError as exc:
+        err_console.print(Text.assemble((f"{exc.error_class}: ", "bold red"), str(exc)))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err_console.print("interrupted; `lsst-prod restart` finishes the run")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Parameters of each pipeline stage, as they appear under ``stages:`` in a campaign.
+
+Every field has a unit in its name or description; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SingleFrameConfig(StageConfig):
+    """ISR -> background -> cosmic rays -> detection -> PSF -> measurement -> astrometry -> photometry."""
+
+    edge_pixels: int = Field(4, ge=0, description="width of the EDGE mask at the detector border, pixels")
+    background_mesh_pixels: int = Field(128, ge=16, description="background mesh size, pixels")
+    background_filter_size: int = Field(3, ge=1, description="median filter over background meshes")
+    cosmic_ray_threshold_sigma: float = Field(5.0, gt=0, description="L.A.Cosmic detection threshold")
+    detection_threshold_sigma: float = Field(5.0, gt=0, description="PSF-convolved S/N threshold")
+    psf_stamp_pixels: int = Field(25, ge=11, description="PSF model stamp size (odd), pixels")
+    psf_spatial_order: int = Field(2, ge=0, le=4, description="polynomial order of PSF variation over the detector")
+    psf_min_stars: int = Field(10, ge=3, description="fewer usable PSF stars is an AlgorithmError")
+    apcorr_reference_radius_pixels: float = Field(25.0, gt=0, description="aperture that defines total flux")
+    astrometry_sip_order: int = Field(3, ge=0, le=5, description="SIP distortion order of the fitted WCS")
+    astrometry_search_radius_arcsec: float = Field(10.0, gt=0, description="max pointing error searched")
+    astrometry_min_matches: int = Field(10, ge=4)
+    photocal_min_stars: int = Field(5, ge=1)
+    initial_seeing_arcsec: float = Field(1.0, gt=0, description="seeing guess before the PSF is fitted")
+
+    @field_validator("psf_stamp_pixels")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd so the PSF has a centre pixel")
+        return v
+
+
+#: Stage name -> parameter model.  The planner and the stage registry share these names.
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "single_frame": SingleFrameConfig,
+}
+
+
+class StagesConfig(StageConfig):
+    """The ``stages:`` block: one optional entry per stage; present means enabled."""
+
+    single_frame: SingleFrameConfig | None = None
+
+    def enabled(self) -> dict[str, StageConfig]:
+        return {name: getattr(self, name) for name in STAGE_CONFIGS if getattr(self, name) is not None}

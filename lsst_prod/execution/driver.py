@@ -1,0 +1,235 @@
+"""The driver: submits ready quanta to Parsl, records every attempt, retries by error class.
+
+One driver process per run (a lock file says which); it is the only writer of
+provenance.  Quanta are submitted as soon as everything they read exists;
+when an attempt comes back its record is stored in one transaction, then the
+policy decides: succeed (release the children), retry, fail (block the
+descendants) or stop the stage.  A killed driver leaves quanta in 'running';
+``restart`` runs them again (outputs are idempotent: fixed paths, atomic writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config.campaign import Campaign
+from ..errors import PlanningError
+from ..graph.graph import QuantumGraph
+from ..repo import DataId, Repository
+from ..repo.atomic import write_bytes_atomic
+from ..provenance.writer import ProvenanceWriter
+from .parsl_adapter import ParslSession, is_worker_lost
+from .policy import Action, decide
+from .worker import execute_quantum
+
+log = logging.getLogger(__name__)
+
+
+def plan_dir(repo: Repository, run: str) -> Path:
+    return repo.root / run / "_plan"
+
+
+@dataclass
+class RunResult:
+    run: str
+    counts: Counter = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.counts.get("blocked", 0) == 0
+
+
+class DriverLock:
+    """A per-run lock file holding the driver's host and pid; a dead holder is taken over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            info = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+        return info
+
+    def __enter__(self) -> "DriverLock":
+        held = self.holder()
+        if held is not None and not (held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()):
+            raise PlanningError(f"run is being driven by pid {held['pid']} on {held['host']} "
+                                f"(since {held.get('started')}); lock {self.path}")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_bytes_atomic(self.path, json.dumps(info).encode())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _injection_for(campaign: Campaign, stage: str, data_id: DataId) -> dict[str, Any] | None:
+    for spec in campaign.config.inject_failures:
+        if spec.stage == stage and all(data_id.get(k) == v for k, v in spec.data_id.items()):
+            return {"error": spec.error, "attempts": list(spec.attempts)}
+    return None
+
+
+class Driver:
+    def __init__(self, repo: Repository, campaign: Campaign, graph: QuantumGraph, run: str,
+                 progress: Any | None = None) -> None:
+        self.repo = repo
+        self.campaign = campaign
+        self.graph = graph
+        self.run = run
+        self.writer = ProvenanceWriter(repo, run)
+        self.progress = progress  # object with start(counts_by_stage), advance(stage, status), stop()
+        self.stage_configs = {name: cfg.model_dump(mode="json")
+                              for name, cfg in campaign.config.stages.enabled().items()}
+
+    def _payload(self, qid: str, attempt: int, executor: str) -> dict[str, Any] | str:
+        q = self.graph[qid]
+        inputs = [r.to_dict() for r in q.prerequisites]
+        prereq_keys = {(r.dataset_type, r.data_id) for r in q.prerequisites}
+        for dtype, did in q.spec.inputs:
+            if (dtype, did) in prereq_keys:
+                continue
+            ref = self.repo.find(dtype, did, [self.run])
+            if ref is None:
+                return f"input {dtype} {did} was not produced (its producer wrote nothing)"
+            inputs.append(ref.to_dict())
+        return {
+            "quantum_id": qid,
+            "stage": q.stage,
+            "data_id": q.data_id.to_dict(),
+            "attempt": attempt,
+            "run": self.run,
+            "repo_root": str(self.repo.root),
+            "repo_url": self.repo.url,
+            "config": self.stage_configs[q.stage],
+            "inputs": inputs,
+            "release_id": self.campaign.config.release_id,
+            "executor": executor,
+            "inject": _injection_for(self.campaign, q.stage, q.data_id),
+        }
+
+    def execute(self, to_run: set[str] | None = None) -> RunResult:
+        """Run ``to_run`` (default: the whole graph); quanta outside it count as done."""
+        to_run = {q.id for q in self.graph} if to_run is None else set(to_run)
+        result = RunResult(self.run)
+        pending_deps = {qid: {d for d in self.graph[qid].depends_on if d in to_run} for qid in to_run}
+        attempts: Counter = Counter()
+        prior = _prior_attempts(self.repo, self.run)
+        stopped_stages: set[str] = set()
+        order = {qid: i for i, qid in enumerate(q.id for q in self.graph)}
+        ready = deque(sorted((q for q, deps in pending_deps.items() if not deps), key=order.__getitem__))
+        inflight: dict[Future, tuple[str, int]] = {}
+        site = self.campaign.site
+        session = ParslSession(site, plan_dir(self.repo, self.run).parent / "_parsl")
+        if self.progress:
+            self.progress.start(Counter(self.graph[q].stage for q in to_run))
+
+        def finish(qid: str, status: str, reason: str | None = None) -> None:
+            result.counts[status] += 1
+            if self.progress:
+                self.progress.advance(self.graph[qid].stage, status)
+            if status in ("succeeded", "nowork"):
+                for child in self.graph.children(qid):
+                    if child in pending_deps:
+                        pending_deps[child].discard(qid)
+                        if not pending_deps[child]:
+                            ready.append(child)
+            else:
+                if status == "failed":
+                    result.failed.append(qid)
+                blocked = [d for d in self.graph.descendants([qid]) if d in pending_deps]
+                for d in blocked:
+                    pending_deps.pop(d, None)
+                    try:
+                        ready.remove(d)
+                    except ValueError:
+                        pass
+                    result.counts["blocked"] += 1
+                    if self.progress:
+                        self.progress.advance(self.graph[d].stage, "blocked")
+                self.writer.set_status(blocked, "blocked", "Blocked", f"upstream {qid} {status}: {reason}")
+            pending_deps.pop(qid, None)
+
+        def submit(qid: str) -> None:
+            if self.graph[qid].stage in stopped_stages:
+                self.writer.set_status([qid], "blocked", "Blocked", "stage stopped after InvalidQuantum")
+                finish(qid, "blocked", "stage stopped")
+                return
+            attempts[qid] += 1
+            attempt = prior.get(qid, 0) + attempts[qid]
+            payload = self._payload(qid, attempt, session.label)
+            if isinstance(payload, str):
+                self.writer.set_status([qid], "blocked", "Blocked", payload)
+                finish(qid, "blocked", payload)
+                return
+            self.writer.set_status([qid], "running")
+            inflight[session.submit(execute_quantum, payload)] = (qid, attempt)
+
+        with session:
+            while ready or inflight:
+                while ready:
+                    submit(ready.popleft())
+                if not inflight:
+                    continue
+                done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    qid, attempt = inflight.pop(fut)
+                    try:
+                        record = fut.result()
+                    except Exception as exc:  # the worker died: the task never reported
+                        q = self.graph[qid]
+                        record = {
+                            "quantum_id": qid, "stage": q.stage, "data_id": q.data_id.to_dict(),
+                            "attempt": attempt, "outcome": "failed",
+                            "error_class": "WorkerLost" if is_worker_lost(exc) else "TransientError",
+                            "error_message": f"{type(exc).__name__}: {exc}", "executor": session.label,
+                            "inputs": [], "outputs": [],
+                        }
+                    action = decide(record["outcome"], record.get("error_class"), attempt, self.campaign.config.retry)
+                    status = {Action.SUCCEED: record["outcome"], Action.RETRY: "submitted",
+                              Action.FAIL: "failed", Action.STOP_STAGE: "failed"}[action]
+                    self.writer.record_attempt(record, status)
+                    if action is Action.SUCCEED:
+                        finish(qid, record["outcome"])
+                    elif action is Action.RETRY:
+                        log.warning("[%s] attempt %d failed (%s); retrying", qid, attempt, record.get("error_class"))
+                        ready.append(qid)
+                    else:
+                        if action is Action.STOP_STAGE:
+                            stopped_stages.add(self.graph[qid].stage)
+                        finish(qid, "failed", f"{record.get('error_class')}: {record.get('error_message')}")
+        if self.progress:
+            self.progress.stop()
+        return result
+
+
+def _prior_attempts(repo: Repository, run: str) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    from ..provenance.db import quanta
+
+    with repo.engine.connect() as c:
+        return {r.quantum_id: int(r.n_attempts or 0)
+                for r in c.execute(sa.select(quanta.c.quantum_id, quanta.c.n_attempts).where(quanta.c.run == run))}

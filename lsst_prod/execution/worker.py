@@ -1,0 +1,183 @@
+"""Runs one quantum attempt on a worker and returns its provenance record.
+
+This function is what Parsl ships to workers.  It never touches the database:
+it writes output files atomically through the repository and returns a plain
+dict (inputs, outputs with checksums, timings, peak memory, outcome, error
+class and message, software versions) that the driver's single provenance
+writer stores.  Every exception is caught and classified here, so an exception
+surfacing from the Parsl future itself always means the worker was lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import AlgorithmError, InjectedFailure, LsstProdError, OutOfMemory, TransientError
+
+LOG_TAIL_LINES = 30
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except Exception:  # pragma: no cover - non-POSIX
+        return None
+
+
+class _TailHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("lsst-prod", "numpy", "scipy", "astropy", "fitsio", "pyarrow", "sep", "galsim", "parsl"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _inject(spec: dict[str, Any] | None, attempt: int, executor: str) -> None:
+    if not spec or attempt not in spec.get("attempts", [1]):
+        return
+    kind = spec["error"]
+    msg = f"injected {kind} failure on attempt {attempt} (campaign inject_failures)"
+    if kind == "transient":
+        raise InjectedFailure(msg)
+    if kind == "out_of_memory":
+        raise OutOfMemory(msg)
+    if kind == "crash":
+        if executor == "threads":
+            raise InjectedFailure(msg + " [a crash cannot kill a thread; raised instead]")
+        os._exit(137)
+    raise AlgorithmError(msg, injected=True)
+
+
+def execute_quantum(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run ``payload['stage']`` on ``payload['data_id']``; return the attempt's record."""
+    from ..repo import DataId, DatasetRef, Repository
+    from ..stages import STAGES
+    from ..config.stages import STAGE_CONFIGS
+    from ..stages.base import QuantumContext
+
+    data_id = DataId(payload["data_id"])
+    stage_name = payload["stage"]
+    logger = logging.getLogger(f"lsst_prod.stages.{stage_name}")
+    tail = _TailHandler()
+    root = logging.getLogger("lsst_prod")
+    root.addHandler(tail)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    log = logging.LoggerAdapter(logger, {"data_id": str(data_id)})
+
+    record: dict[str, Any] = {
+        "quantum_id": payload["quantum_id"],
+        "stage": stage_name,
+        "data_id": data_id.to_dict(),
+        "attempt": payload["attempt"],
+        "host": socket.gethostname(),
+        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "executor": payload.get("executor"),
+        "memory_class": payload.get("memory_class"),
+        "params": payload["config"],
+        "versions": software_versions(),
+        "inputs": payload["inputs"],
+        "outputs": [],
+        "summary": {},
+    }
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    record["start"] = _now()
+    repo = Repository(payload["repo_root"], payload.get("repo_url"))
+    ctx = QuantumContext(
+        repo=repo,
+        run=payload["run"],
+        stage=stage_name,
+        data_id=data_id,
+        config=STAGE_CONFIGS[stage_name].model_validate(payload["config"]),
+        inputs={(r["dataset_type"], DataId(r["data_id"])): DatasetRef.from_dict(r) for r in payload["inputs"]},
+        release_id=payload["release_id"],
+        attempt=payload["attempt"],
+        log=log,
+    )
+    try:
+        log.info("[%s] %s attempt %d starting", data_id, stage_name, payload["attempt"])
+        _inject(payload.get("inject"), payload["attempt"], payload.get("executor", ""))
+        STAGES[stage_name]().run_quantum(ctx)
+        record["outcome"] = "succeeded"
+        log.info("[%s] %s succeeded", data_id, stage_name)
+    except LsstProdError as exc:
+        if exc.error_class == "NoWorkFound":
+            record["outcome"] = "nowork"
+        else:
+            record["outcome"] = "failed"
+        record["error_class"] = exc.error_class
+        record["error_message"] = str(exc)
+        record["error_metadata"] = getattr(exc, "metadata", {})
+        log.warning("[%s] %s: %s: %s", data_id, stage_name, exc.error_class, exc)
+    except MemoryError as exc:
+        record.update(outcome="failed", error_class="OutOfMemory", error_message=f"MemoryError: {exc}")
+    except OSError as exc:
+        err = TransientError(f"{type(exc).__name__}: {exc}")
+        record.update(outcome="failed", error_class=err.error_class, error_message=str(err))
+        log.warning("[%s] %s: I/O error treated as transient: %s", data_id, stage_name, exc)
+    except Exception as exc:  # a bug or unclassified failure: keep the traceback
+        record.update(
+            outcome="failed",
+            error_class="UnexpectedError",
+            error_message=f"{type(exc).__name__}: {exc}",
+            error_metadata={"traceback": traceback.format_exc(limit=8)},
+        )
+        log.error("[%s] %s: unexpected %s: %s", data_id, stage_name, type(exc).__name__, exc)
+    finally:
+        root.removeHandler(tail)
+    record["end"] = _now()
+    record["wall_s"] = time.perf_counter() - t0
+    record["cpu_s"] = time.process_time() - c0
+    record["peak_rss_mib"] = _peak_rss_mib()
+    record["outputs"] = [r.to_dict() for r in ctx.outputs] if record["outcome"] == "succeeded" else []
+    record["summary"] = ctx.summary
+    record["log_tail"] = "\n".join(tail.lines)
+    return record

@@ -1,0 +1,144 @@
+"""The data repository: a directory of files laid out by run and dataset type, plus a registry.
+
+Layout::
+
+    ROOT/registry.sqlite3                      registry + provenance (SQLite, WAL)
+    ROOT/<run>/<dataset_type>/<v1>/.../<dataset_type>_<v1>_..._<vn>.<ext>
+
+Files are written atomically (:mod:`.atomic`); the path of a dataset depends
+only on (run, dataset type, data ID), so re-running a quantum overwrites its
+outputs instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_atomic
+from .dataid import DataId
+from .dataset_types import get_dataset_type
+from .registry import DatasetRef, Registry, default_url, make_engine
+
+REGISTRY_FILE = "registry.sqlite3"
+
+
+class Repository:
+    """A data repository rooted at a directory."""
+
+    def __init__(self, root: str | Path, url: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.url = url or default_url(self.root)
+        self._engine = None
+        self._registry: Registry | None = None
+
+    # Engines are created lazily so that a Repository can be pickled to workers
+    # (which only compute paths and write files; they never touch the database).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "url": self.url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self.url = state["url"]
+        self._engine = None
+        self._registry = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = make_engine(self.url)
+        return self._engine
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry(self.engine)
+        return self._registry
+
+    @classmethod
+    def create(cls, root: str | Path, url: str | None = None) -> "Repository":
+        """Create the repository (or open it if it exists) and its tables."""
+        repo = cls(root, url)
+        repo.root.mkdir(parents=True, exist_ok=True)
+        repo.registry.create_tables()
+        from ..provenance.db import create_tables as create_provenance_tables
+
+        create_provenance_tables(repo.engine)
+        return repo
+
+    @classmethod
+    def open(cls, root: str | Path, url: str | None = None) -> "Repository":
+        """Open an existing repository; FileNotFoundError if there is none."""
+        repo = cls(root, url)
+        if url is None and not (repo.root / REGISTRY_FILE).exists():
+            raise FileNotFoundError(f"{repo.root} is not an lsst-prod repository (no {REGISTRY_FILE}); "
+                                    f"create one with `lsst-prod simulate CAMPAIGN --repo {root}`")
+        return repo
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+            self._registry = None
+
+    # ---------------------------------------------------------------- paths
+    def relpath_for(self, dataset_type: str, data_id: Mapping[str, Any], run: str) -> str:
+        dtype = get_dataset_type(dataset_type)
+        did = DataId(data_id)
+        missing = [d for d in dtype.dimensions if d not in did]
+        if missing:
+            raise KeyError(f"data ID {did!r} for {dataset_type} lacks {missing}")
+        values = [str(did[d]) for d in dtype.dimensions if d != "instrument"]
+        parts = [run, dataset_type, *values[:-1]]
+        stem = "_".join([dataset_type, *values]) if values else dataset_type
+        return "/".join(parts + [stem + dtype.extension])
+
+    def path_of(self, ref: DatasetRef | str) -> Path:
+        rel = ref.path if isinstance(ref, DatasetRef) else ref
+        return self.root / rel
+
+    # --------------------------------------------------------------- writes
+    def stage_file(
+        self, dataset_type: str, data_id: Mapping[str, Any], run: str, writer: Callable[[Path], None]
+    ) -> DatasetRef:
+        """Write a dataset's file atomically and return its ref, WITHOUT registering it.
+
+        This is what workers call; the driver registers the refs they return.
+        """
+        did = DataId(data_id).subset(get_dataset_type(dataset_type).dimensions)
+        rel = self.relpath_for(dataset_type, did, run)
+        checksum, size = write_atomic(self.root / rel, writer)
+        return DatasetRef(dataset_type, did, run, rel, checksum, size)
+
+    def put_file(
+        self, dataset_type: str, data_id: Mapping[str, Any], run: str, writer: Callable[[Path], None]
+    ) -> DatasetRef:
+        """Write a dataset atomically and register it (single-writer processes only)."""
+        ref = self.stage_file(dataset_type, data_id, run, writer)
+        self.registry.ensure_run(run, "input")
+        self.registry.register([ref])
+        return ref
+
+    def register(self, refs: Iterable[DatasetRef]) -> None:
+        self.registry.register(list(refs))
+
+    def insert_visits(self, records: Iterable[dict[str, Any]]) -> None:
+        self.registry.insert_visits(records)
+
+    # -------------------------------------------------------------- queries
+    def find(self, dataset_type: str, data_id: Mapping[str, Any], runs: Sequence[str]) -> DatasetRef | None:
+        did = DataId(data_id).subset(get_dataset_type(dataset_type).dimensions)
+        return self.registry.find(dataset_type, did, runs)
+
+    def get_path(self, dataset_type: str, data_id: Mapping[str, Any], runs: Sequence[str]) -> Path:
+        ref = self.find(dataset_type, data_id, runs)
+        if ref is None:
+            raise FileNotFoundError(f"no {dataset_type} for {DataId(data_id)} in runs {list(runs)}")
+        return self.path_of(ref)
+
+    def query(self, dataset_type: str | None = None, runs: Sequence[str] | None = None) -> list[DatasetRef]:
+        return self.registry.query(dataset_type, runs)
+
+    def visits(self, instrument: str | None = None) -> list[dict[str, Any]]:
+        return self.registry.visits(instrument)

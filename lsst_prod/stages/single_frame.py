@@ -1,0 +1,277 @@
+"""Single-frame processing of one visit x detector: raw -> calexp + Source + CcdVisit.
+
+Thin: read the raw and its calibrations, call the kernels in order, write the
+outputs.  The sequence (as Rubin's calibrateImage does):
+
+1. ISR (overscan, bias, gain, flat, defects, saturation)
+2. background; detection at high S/N with a seeing guess; first PSF model
+3. cosmic rays with the measured PSF size; repair
+4. background again with sources masked; detection at the campaign threshold
+   with the PSF model's size; final PSF model
+5. measurement (centroids, moments, apertures, PSF flux, ...); aperture correction
+6. astrometry against the reference catalogue propagated to the visit's epoch (TAN-SIP)
+7. photometric zero point against the reference catalogue
+8. write calexp (image, mask, variance, WCS, PSF, calibration), Source, CcdVisit
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from ..algorithms import masks
+from ..algorithms.apcorr import fit_aperture_correction
+from ..algorithms.astrometry import fit_wcs, propagate_positions
+from ..algorithms.background import estimate_background
+from ..algorithms.cosmicray import find_cosmic_rays, repair_cosmic_rays
+from ..algorithms.detect import detect_sources
+from ..algorithms.isr import run_isr
+from ..algorithms.measure import measure_sources
+from ..algorithms.photocal import fit_zero_point
+from ..algorithms.psf import fit_psf, select_psf_candidates
+from ..camera import Camera
+from ..config.stages import SingleFrameConfig
+from ..errors import AlgorithmError
+from ..ids import SourceIdFactory, ccd_visit_id
+from ..repo.formats import Exposure, read_image, read_parquet, table_from_columns, write_exposure, write_parquet
+from .base import QuantumContext, QuantumSpec, Resources, Stage
+from .source_schema import SOURCE_UNITS, build_source_columns
+
+NJY_AB_ZERO = 31.4  # AB mag of 1 nJy
+
+
+def _read_raw(path) -> tuple[np.ndarray, dict[str, Any]]:
+    return read_image(path)
+
+
+class SingleFrameStage(Stage):
+    name = "single_frame"
+    dimensions = ("instrument", "visit", "detector")
+    input_types = ("raw", "bias", "flat", "defects", "camera", "refcat")
+    output_types = ("calexp", "calexpBackground", "source", "ccdVisit")
+    resources = Resources(cores=1, memory_gib=2.0, walltime_s=1800)
+    description = "ISR, background, PSF, detection, measurement, astrometric and photometric calibration"
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, ctx, config: SingleFrameConfig) -> list[QuantumSpec]:
+        from ..repo import DataId
+
+        instrument = ctx.instrument
+        specs = []
+        for v in ctx.visits:
+            for det in ctx.detectors:
+                did = DataId(instrument=instrument, visit=v["visit"], detector=det)
+                if ctx.existing("raw", did) is None:
+                    continue  # a detector that was not read out: nothing to plan
+                inputs = (
+                    ("raw", did),
+                    ("bias", DataId(instrument=instrument, detector=det)),
+                    ("flat", DataId(instrument=instrument, detector=det, physical_filter=v["physical_filter"])),
+                    ("defects", DataId(instrument=instrument, detector=det)),
+                    ("camera", DataId(instrument=instrument)),
+                    ("refcat", DataId()),
+                )
+                outputs = tuple((t, did) for t in self.output_types)
+                specs.append(QuantumSpec(self.name, did, inputs, outputs))
+        return specs
+
+    # ------------------------------------------------------------------- running
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: SingleFrameConfig = ctx.config  # type: ignore[assignment]
+        did = ctx.data_id
+        log = ctx.log
+        camera = Camera.from_json(ctx.input_path("camera").read_text())
+        det = camera.detector(did["detector"])
+        raw, hdr = _read_raw(ctx.input_path("raw"))
+        bias, _ = read_image(ctx.input_path("bias"))
+        flat, _ = read_image(ctx.input_path("flat"))
+        defects, _ = read_image(ctx.input_path("defects"))
+        band = camera.band_of(hdr["FILTER"])
+        pixel_scale = camera.pixel_scale_arcsec
+
+        # 1. ISR
+        isr = run_isr(raw, det, bias, flat, defects.astype(bool), edge_pixels=cfg.edge_pixels)
+        image, variance, mask = isr.image.astype(np.float32), isr.variance, isr.mask.copy()
+
+        # 2. first background, bright detections, first PSF
+        bg = estimate_background(image, mask, mesh_size=cfg.background_mesh_pixels,
+                                 filter_size=cfg.background_filter_size)
+        image = image - bg.image
+        sigma_guess = cfg.initial_seeing_arcsec / pixel_scale / 2.3548
+        fp = detect_sources(image, variance, mask, sigma_guess, threshold=max(10.0, cfg.detection_threshold_sigma))
+        cand = select_psf_candidates(image, variance, mask, fp)
+        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
+                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+        cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
+        fwhm_pix = float(psf.fwhm_at(cx, cy))
+
+        # 3. cosmic rays with the measured PSF size
+        cr = find_cosmic_rays(image, variance, mask, fwhm_pix, n_sigma=cfg.cosmic_ray_threshold_sigma)
+        repaired = repair_cosmic_rays(image, mask, cr)
+        image, mask = repaired.image, repaired.mask
+        n_cr = int(repaired.n_pixels)
+
+        # 4. background with sources masked, full detection, final PSF
+        bg2 = estimate_background(image + bg.image, mask | (fp.labels > 0).astype(np.uint32) * masks.DETECTED,
+                                  mesh_size=cfg.background_mesh_pixels, filter_size=cfg.background_filter_size)
+        image = (image + bg.image - bg2.image).astype(np.float32)
+        background = bg2
+        mask &= ~np.uint32(masks.DETECTED)
+        fp = detect_sources(image, variance, mask, psf.sigma_at(cx, cy), threshold=cfg.detection_threshold_sigma)
+        mask |= (fp.labels > 0).astype(np.uint32) * masks.DETECTED
+        cand = select_psf_candidates(image, variance, mask, fp)
+        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
+                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+        fwhm_pix = float(psf.fwhm_at(cx, cy))
+        log.info("[%s] PSF FWHM %.2f px from %d stars; %d footprints, %d CR pixels",
+                 did, fwhm_pix, psf.n_stars, fp.n_footprints, n_cr)
+
+        # 5. measurement + aperture correction
+        cols = measure_sources(image, variance, mask, fp, psf, background_rms=background.rms)
+        n = len(cols["x"])
+        if n == 0:
+            raise AlgorithmError("no sources detected", n_footprints=fp.n_footprints)
+        psf_used = _nearest_flags(cols["x"], cols["y"], psf.star_x, psf.star_y, 1.5)
+        psf_cand = _nearest_flags(cols["x"], cols["y"], cand.x, cand.y, 1.5)
+        ref_col = f"ap{int(round(cfg.apcorr_reference_radius_pixels)):02d}Flux"
+        good_ap = psf_cand & ~cols[ref_col + "_flag"] & (cols["parent_index"] < 0) & (cols["deblend_nChild"] == 0) \
+            & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
+        apcorr = fit_aperture_correction(cols["x"], cols["y"], cols["psfFlux"], cols["psfFluxErr"], cols[ref_col],
+                                         cols[ref_col + "Err"], good_ap, image.shape)
+        ac = apcorr(cols["x"], cols["y"])
+
+        # 6. astrometry
+        wcs0 = WCS({k: v for k, v in hdr.items() if k[:2] in ("CT", "CR", "CD", "CU", "RA", "EQ", "WC")})
+        mjd_mid = float(hdr["MJD-OBS"]) + float(hdr["EXPTIME"]) / 2.0 / 86400.0
+        refcat = _read_refcat(ctx.input_path("refcat"))
+        ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=cfg.astrometry_search_radius_arcsec / pixel_scale + 50)
+        if len(ref["ra"]) < cfg.astrometry_min_matches:
+            raise AlgorithmError(f"only {len(ref['ra'])} reference stars over the detector", n_ref=len(ref["ra"]))
+        ref_ra, ref_dec = propagate_positions(ref["ra"], ref["dec"], ref["pmra"], ref["pmdec"], ref["parallax"],
+                                              float(ref["epoch_mjd"][0]), mjd_mid)
+        usable = (cols["parent_index"] < 0) & (cols["deblend_nChild"] == 0) & ~cols["pixelFlags_saturatedCenter"] \
+            & ~cols["pixelFlags_edge"] & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 10 * cols["psfFluxErr"])
+        sel = np.flatnonzero(usable)
+        ref_mag = NJY_AB_ZERO - 2.5 * np.log10(np.clip(ref[f"{band}_flux"], 1e-3, None))
+        astrom = fit_wcs(cols["x"][sel], cols["y"][sel], cols["psfFlux"][sel], wcs0, ref_ra, ref_dec, ref_mag,
+                         search_radius_arcsec=cfg.astrometry_search_radius_arcsec, sip_order=cfg.astrometry_sip_order,
+                         min_matches=cfg.astrometry_min_matches)
+        wcs = astrom.wcs
+        ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)
+        src_matched = sel[astrom.matched_src_index]
+        ref_matched = np.asarray(astrom.matched_ref_index)
+
+        # 7. photometric calibration on aperture-corrected PSF fluxes of matched, unsaturated, non-variable stars
+        inst = cols["psfFlux"][src_matched] * ac[src_matched]
+        inst_err = cols["psfFluxErr"][src_matched] * ac[src_matched]
+        pc_ok = (~np.asarray(ref["is_variable"])[ref_matched]) & np.isfinite(inst) & (inst > 0)
+        if pc_ok.sum() < cfg.photocal_min_stars:
+            raise AlgorithmError(f"only {int(pc_ok.sum())} stars for photometric calibration",
+                                 n_photocal=int(pc_ok.sum()))
+        phot = fit_zero_point(inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_matched][pc_ok],
+                              ref[f"{band}_fluxErr"][ref_matched][pc_ok])
+        calib = float(phot.nJy_per_electron)
+        photometry_used = np.zeros(n, bool)
+        photometry_used[src_matched[pc_ok]] = True
+        astrometry_used = np.zeros(n, bool)
+        astrometry_used[src_matched] = True
+
+        # 8. outputs
+        visit, detector = int(did["visit"]), int(did["detector"])
+        source_ids = SourceIdFactory(ctx.release_id, visit, detector).make(n)
+        columns = build_source_columns(
+            cols, source_ids=source_ids, ra=ra, dec=dec, wcs=wcs, calib=calib, apcorr=ac, apcorr_err=apcorr.error,
+            visit=visit, detector=detector, band=band, physical_filter=hdr["FILTER"], psf_used=psf_used,
+            psf_candidate=psf_cand, astrometry_used=astrometry_used, photometry_used=photometry_used,
+        )
+        meta = {"release_id": ctx.release_id, "run": ctx.run, "visit": visit, "detector": detector,
+                "nJy_per_electron": calib, "zero_point": phot.zero_point}
+        table = table_from_columns(columns, SOURCE_UNITS, meta)
+        ctx.put("source", lambda p: write_parquet(p, table))
+
+        wcs_header = dict(astrom.header)
+        sky_noise = float(np.median(background.rms))
+        psf_sigma = float(psf.sigma_at(cx, cy))
+        mag_lim = phot.zero_point - 2.5 * math.log10(5.0 * sky_noise * math.sqrt(4 * math.pi) * psf_sigma)
+        metadata = {
+            "INSTRUME": hdr.get("INSTRUME"), "VISIT": visit, "DETECTOR": detector, "BAND": band,
+            "FILTER": hdr["FILTER"], "EXPTIME": float(hdr["EXPTIME"]), "MJD-OBS": float(hdr["MJD-OBS"]),
+            "MJD-MID": mjd_mid, "DATE-OBS": hdr.get("DATE-OBS"), "AIRMASS": hdr.get("AIRMASS"),
+            "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "BUNIT": "electron",
+            "PSFFWHM": fwhm_pix * pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
+            "ASTRRMS": astrom.rms_arcsec, "ASTRNMAT": int(astrom.n_matched), "SKYBG": float(background.global_level),
+            "SKYNOISE": sky_noise, "NCRPIX": n_cr, "RELEASE": ctx.release_id, "RUN": ctx.run,
+        }
+        apcorr_hdr = {"APCDICT": json.dumps(apcorr.to_dict())}
+        exposure = Exposure(image, mask, variance, metadata, wcs_header, psf.to_fits(),
+                            {"APCORR": (np.zeros(1, np.float32), apcorr_hdr)})
+        ctx.put("calexp", lambda p: write_exposure(p, exposure))
+        bg_exp = Exposure(background.image.astype(np.float32), np.zeros_like(mask), background.rms.astype(np.float32),
+                          {"VISIT": visit, "DETECTOR": detector}, wcs_header)
+        ctx.put("calexpBackground", lambda p: write_exposure(p, bg_exp))
+
+        corners_x = np.array([0, 0, image.shape[1] - 1, image.shape[1] - 1], float)
+        corners_y = np.array([0, image.shape[0] - 1, image.shape[0] - 1, 0], float)
+        c_ra, c_dec = wcs.all_pix2world(corners_x, corners_y, 0)
+        center_ra, center_dec = wcs.all_pix2world([cx], [cy], 0)
+        t_start = Time(float(hdr["MJD-OBS"]), format="mjd", scale="tai")
+        ccd = {
+            "ccdVisitId": [ccd_visit_id(visit, detector)], "visitId": [visit], "detector": [detector],
+            "band": [band], "physical_filter": [hdr["FILTER"]],
+            "ra": [float(center_ra[0])], "dec": [float(center_dec[0])],
+            "pixelScale": [float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)],
+            "zenithDistance": [float(90.0 - hdr["ALTITUDE"]) if "ALTITUDE" in hdr else float("nan")],
+            "expTime": [float(hdr["EXPTIME"])], "darkTime": [float(hdr.get("DARKTIME", hdr["EXPTIME"]))],
+            "zeroPoint": [float(phot.zero_point)], "psfSigma": [psf_sigma], "seeing": [fwhm_pix * pixel_scale],
+            "skyBg": [float(background.global_level)], "skyNoise": [sky_noise],
+            "astromOffsetMean": [float(astrom.offset_mean_arcsec)], "astromOffsetStd": [float(astrom.offset_std_arcsec)],
+            "nPsfStar": [int(psf.n_stars)], "skyRotation": [float(hdr.get("ROTPA", 0.0))],
+            "expMidptMJD": [mjd_mid], "obsStartMJD": [float(hdr["MJD-OBS"])],
+            "obsStart": [t_start.isot], "expMidpt": [Time(mjd_mid, format="mjd", scale="tai").isot],
+            "xSize": [int(image.shape[1])], "ySize": [int(image.shape[0])],
+            "llcra": [float(c_ra[0])], "llcdec": [float(c_dec[0])], "ulcra": [float(c_ra[1])], "ulcdec": [float(c_dec[1])],
+            "urcra": [float(c_ra[2])], "urcdec": [float(c_dec[2])], "lrcra": [float(c_ra[3])], "lrcdec": [float(c_dec[3])],
+            "magLim": [float(mag_lim)], "nSources": [n], "photoCalibRmsMmag": [float(phot.rms_mmag)],
+            "nPhotoCalibStars": [int(phot.n_used)], "nCosmicRayPixels": [n_cr],
+        }
+        ccd_units = {"ra": "deg", "dec": "deg", "pixelScale": "arcsec/pixel", "zenithDistance": "deg", "expTime": "s",
+                     "darkTime": "s", "zeroPoint": "mag", "psfSigma": "pixel", "seeing": "arcsec", "skyBg": "electron",
+                     "skyNoise": "electron", "astromOffsetMean": "arcsec", "astromOffsetStd": "arcsec",
+                     "expMidptMJD": "d", "obsStartMJD": "d", "xSize": "pixel", "ySize": "pixel", "magLim": "mag"}
+        ccd_table = table_from_columns({k: np.asarray(v) for k, v in ccd.items()}, ccd_units, meta)
+        ctx.put("ccdVisit", lambda p: write_parquet(p, ccd_table))
+
+        ctx.summary.update(
+            n_sources=n, n_psf_stars=int(psf.n_stars), psf_fwhm_arcsec=fwhm_pix * pixel_scale,
+            zero_point=float(phot.zero_point), n_astrom_matches=int(astrom.n_matched),
+            astrom_rms_mas=float(astrom.rms_arcsec) * 1000.0, photocal_rms_mmag=float(phot.rms_mmag),
+            n_cr_pixels=n_cr, mag_lim=float(mag_lim),
+        )
+
+
+def _nearest_flags(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:
+    """True for rows of (x, y) with a point of (px, py) within ``radius`` pixels."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(len(x), bool)
+    if len(px) == 0 or len(x) == 0:
+        return out
+    d, _ = cKDTree(np.column_stack([px, py])).query(np.column_stack([x, y]), distance_upper_bound=radius)
+    return np.isfinite(d)
+
+
+def _read_refcat(path) -> dict[str, np.ndarray]:
+    table = read_parquet(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _refcat_near(ref: dict[str, np.ndarray], wcs0: WCS, shape: tuple[int, int], margin_pix: float) -> dict[str, np.ndarray]:
+    """Reference stars that fall on the detector (plus a margin) under the nominal WCS."""
+    x, y = wcs0.all_world2pix(ref["ra"], ref["dec"], 0)
+    ok = (x > -margin_pix) & (x < shape[1] + margin_pix) & (y > -margin_pix) & (y < shape[0] + margin_pix)
+    return {k: v[ok] for k, v in ref.items()}
