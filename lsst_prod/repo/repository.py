@@ -3,7 +3,7 @@
 Layout::
 
     ROOT/registry.sqlite3                      registry + provenance (SQLite, WAL)
-    ROOT/<run>/<dataset_type>/<v1>/.../<dataset_type>_<v1>_..._<vn>.<ext>
+    ROOT/<run>/<dataset_type>/[<instrument>/]<v1>/.../<dataset_type>_<v1>_..._<vn>.<ext>
 
 Files are written atomically (:mod:`.atomic`); the path of a dataset depends
 only on (run, dataset type, data ID), so re-running a quantum overwrites its
@@ -89,8 +89,11 @@ class Repository:
         missing = [d for d in dtype.dimensions if d not in did]
         if missing:
             raise KeyError(f"data ID {did!r} for {dataset_type} lacks {missing}")
+        # The instrument is a directory level, not part of the file name (it is in every raw's name
+        # otherwise); every other value appears in both, so a file is recognisable out of place.
+        head = [str(did["instrument"])] if "instrument" in dtype.dimensions else []
         values = [str(did[d]) for d in dtype.dimensions if d != "instrument"]
-        parts = [run, dataset_type, *values[:-1]]
+        parts = [run, dataset_type, *head, *values[:-1]]
         stem = "_".join([dataset_type, *values]) if values else dataset_type
         return "/".join(parts + [stem + dtype.extension])
 
