@@ -29,7 +29,7 @@ from .errors import ConfigError, LsstProdError, PlanningError
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- progress

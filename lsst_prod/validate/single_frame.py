@@ -106,9 +106,10 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
         zp_diff.append(float(ccd["zeroPoint"][0]) - float(ccd_truth["zero_point"][t_i]))
         fwhm = float(ccd_truth["psf_fwhm_pix"][t_i])
         sky = float(ccd_truth["sky_e_per_pix"][t_i])
-        sigma = fwhm / 2.3548
+        rn2 = float(ccd_truth["read_noise"][t_i]) ** 2 if "read_noise" in ccd_truth else 25.0
+        sigma = truth["psf_fwhm_pix"] / 2.3548 if "psf_fwhm_pix" in truth else fwhm / 2.3548
         flux_e = truth["flux_e"].astype(float)
-        snr = flux_e / np.sqrt(np.clip(flux_e, 0, None) + 4 * math.pi * sigma**2 * (sky + 30.0))
+        snr = flux_e / np.sqrt(np.clip(flux_e, 0, None) + 4 * math.pi * sigma**2 * (sky + rn2))
 
         leaf = src["deblend_nChild"] == 0
         sx, sy = src["x"][leaf], src["y"][leaf]
@@ -125,7 +126,7 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
             bad_cols = np.flatnonzero(defects.any(axis=0))
             if len(bad_cols):
                 near_bad = np.min(np.abs(truth["x"][:, None] - bad_cols[None, :]), axis=1) < BAD_COLUMN_MARGIN_PIX
-        isolated = (truth["neighbour_dist_pix"] > ISOLATION_FWHM * fwhm) | (truth["neighbour_flux_ratio"] < 0.01)
+        isolated = (truth["nn_dist_pix"] > ISOLATION_FWHM * fwhm) | (truth["nn_flux_ratio"] < 0.01)
         star = truth["kind"] == "star"
         clean = star & isolated & inside & ~near_bad & ~truth["is_saturated"].astype(bool)
         elig = clean & (snr > 10)
