@@ -136,8 +136,9 @@ class SingleFrameStage(Stage):
         n = len(cols["x"])
         if n == 0:
             raise AlgorithmError("no sources detected", n_footprints=fp.n_footprints)
-        psf_used = _nearest_flags(cols["x"], cols["y"], psf.star_x, psf.star_y, 1.5)
+        # Candidates are the stars given to the PSF fit (which clips n_rejected of them as outliers).
         psf_cand = _nearest_flags(cols["x"], cols["y"], cand.x, cand.y, 1.5)
+        psf_used = psf_cand
         ref_col = f"ap{int(round(cfg.apcorr_reference_radius_pixels)):02d}Flux"
         good_ap = psf_cand & ~cols[ref_col + "_flag"] & (cols["parent_index"] < 0) & (cols["deblend_nChild"] == 0) \
             & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
