@@ -32,6 +32,7 @@ from ..algorithms.cosmicray import find_cosmic_rays, repair_cosmic_rays
 from ..algorithms.detect import detect_sources
 from ..algorithms.isr import run_isr
 from ..algorithms.measure import measure_sources
+from ..algorithms.neighbours import aperture_flux_without_neighbours
 from ..algorithms.photocal import fit_zero_point
 from ..algorithms.psf import fit_psf, select_psf_candidates
 from ..camera import Camera
@@ -139,11 +140,23 @@ class SingleFrameStage(Stage):
         # Candidates are the stars given to the PSF fit (which clips n_rejected of them as outliers).
         psf_cand = _nearest_flags(cols["x"], cols["y"], cand.x, cand.y, 1.5)
         psf_used = psf_cand
-        ref_col = f"ap{int(round(cfg.apcorr_reference_radius_pixels)):02d}Flux"
-        good_ap = psf_cand & ~cols[ref_col + "_flag"] & (cols["parent_index"] < 0) & (cols["deblend_nChild"] == 0) \
-            & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
-        apcorr = fit_aperture_correction(cols["x"], cols["y"], cols["psfFlux"], cols["psfFluxErr"], cols[ref_col],
-                                         cols[ref_col + "Err"], good_ap, image.shape)
+        leaf = cols["deblend_nChild"] == 0
+        good_ap = psf_cand & (cols["parent_index"] < 0) & leaf & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
+        idx_ap = np.flatnonzero(good_ap)
+        ref_flux, ref_err, ref_flag = aperture_flux_without_neighbours(
+            image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx_ap,
+            cfg.apcorr_reference_radius_pixels)
+        # Unresolved light (faint stars, galaxy wings) under the large aperture is removed with the
+        # local annulus background, as for any aperture flux in a crowded field.
+        area = math.pi * cfg.apcorr_reference_radius_pixels**2
+        ref_flux = ref_flux - cols["sky"][idx_ap] * area
+        n_annulus = math.pi * (70.0**2 - 50.0**2)  # measure_sources' default sky annulus, pixels
+        ref_err = np.hypot(ref_err, cols["skyErr"][idx_ap] * area / math.sqrt(n_annulus))
+        ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx_ap]
+        apcorr = fit_aperture_correction(cols["x"][idx_ap][ok], cols["y"][idx_ap][ok], cols["psfFlux"][idx_ap][ok],
+                                         cols["psfFluxErr"][idx_ap][ok], ref_flux[ok], ref_err[ok],
+                                         np.ones(int(ok.sum()), bool), image.shape,
+                                         ref_radius=cfg.apcorr_reference_radius_pixels)
         ac = apcorr(cols["x"], cols["y"])
 
         # 6. astrometry
@@ -161,7 +174,7 @@ class SingleFrameStage(Stage):
         ref_mag = NJY_AB_ZERO - 2.5 * np.log10(np.clip(ref[f"{band}_flux"], 1e-3, None))
         astrom = fit_wcs(cols["x"][sel], cols["y"][sel], cols["psfFlux"][sel], wcs0, ref_ra, ref_dec, ref_mag,
                          search_radius_arcsec=cfg.astrometry_search_radius_arcsec, sip_order=cfg.astrometry_sip_order,
-                         min_matches=cfg.astrometry_min_matches)
+                         detector_shape=image.shape, min_matches=cfg.astrometry_min_matches)
         wcs = astrom.wcs
         ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)
         src_matched = sel[astrom.matched_src_index]
@@ -175,10 +188,10 @@ class SingleFrameStage(Stage):
             raise AlgorithmError(f"only {int(pc_ok.sum())} stars for photometric calibration",
                                  n_photocal=int(pc_ok.sum()))
         phot = fit_zero_point(inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_matched][pc_ok],
-                              ref[f"{band}_fluxErr"][ref_matched][pc_ok])
+                              ref[f"{band}_fluxErr"][ref_matched][pc_ok], min_stars=cfg.photocal_min_stars)
         calib = float(phot.nJy_per_electron)
         photometry_used = np.zeros(n, bool)
-        photometry_used[src_matched[pc_ok]] = True
+        photometry_used[src_matched[pc_ok][np.asarray(phot.used, bool)]] = True
         astrometry_used = np.zeros(n, bool)
         astrometry_used[src_matched] = True
 

@@ -1,0 +1,92 @@
+"""Tests of lsst_prod.algorithms.apcorr."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import sep
+
+from lsst_prod.algorithms.apcorr import ApertureCorrection, fit_aperture_correction
+from lsst_prod.algorithms.measure import measure_sources
+from lsst_prod.errors import AlgorithmError
+
+try:
+    from ._psf_double import GalSimPsf, detect
+except ImportError:  # tests/algorithms is not a package
+    from _psf_double import GalSimPsf, detect
+
+SHAPE = (1024, 1024)
+
+
+def test_recovers_position_dependent_wing_correction_to_0p1_percent():
+    """Stars drawn with a PSF whose halo fraction grows with x; measured with the core-only model."""
+    core = GalSimPsf(fwhm=4.0)
+    truth = GalSimPsf(fwhm=4.0, halo_fraction=(0.02, 0.04 / (SHAPE[1] - 1)), halo_sigma=5.0)
+
+    def true_ratio(x, y):
+        """25-px aperture flux / noise-free psfFlux of a unit star (independent of measure_sources)."""
+        star = truth.image_at(x, y, 81)  # the halo beyond 40 px is negligible (8 sigma)
+        model = core.image_at(x, y, 25)
+        amp = (model * star[28:53, 28:53]).sum() / (model * model).sum()
+        ap = sep.sum_circle(star, np.array([40 + x - round(x)]), np.array([40 + y - round(y)]), 25.0, subpix=0)[0]
+        return ap[0] / amp
+
+    rng = np.random.default_rng(2)
+    model = np.zeros(SHAPE)
+    for gx in np.arange(40, 1000, 64):
+        for gy in np.arange(40, 1000, 64):
+            x, y = gx + rng.uniform(-8, 8), gy + rng.uniform(-8, 8)
+            truth.draw_star(model, x, y, np.exp(rng.uniform(np.log(1e5), np.log(1e6))), size=61)
+    var = 100.0 + model
+    image = model + rng.normal(size=SHAPE) * np.sqrt(var)
+    mask = np.zeros(SHAPE, np.uint32)
+    cat = measure_sources(image, var, mask, detect(image, var, mask, sigma=1.7), core)
+    good = (cat["deblend_nChild"] == 0) & (cat["parent_index"] < 0) & ~cat["psfFlux_flag"] & ~cat["ap25Flux_flag"]
+    good &= cat["psfFlux"] / cat["psfFluxErr"] > 100
+    assert good.sum() > 200
+    apc = fit_aperture_correction(
+        cat["x"], cat["y"], cat["psfFlux"], cat["psfFluxErr"], cat["ap25Flux"], cat["ap25FluxErr"], good, SHAPE
+    )
+    grid = np.linspace(0, SHAPE[1] - 1, 5)
+    expected = np.array([true_ratio(gx, gy) for gy in grid for gx in grid])
+    assert np.ptp(expected) > 0.025  # a real, position-dependent correction (1.4% -> 4.5%)
+    fitted = np.array([apc(gx, gy)[0] for gy in grid for gx in grid])
+    np.testing.assert_allclose(fitted, expected, rtol=1e-3)
+    assert apc.error < 5e-4 and apc.n_used >= 200 and apc.order == 1
+
+
+def test_synthetic_quadratic_field_with_outliers_and_serialisation():
+    rng = np.random.default_rng(3)
+    n = 400
+    x, y = rng.uniform(0, 2047, n), rng.uniform(0, 4095, n)
+    u, v = x / 2047 * 2 - 1, y / 4095 * 2 - 1
+    ratio = 1.05 + 0.01 * u - 0.008 * v + 0.004 * u * v + 0.006 * (2 * v * v - 1)
+    psf = np.exp(rng.uniform(np.log(2e4), np.log(2e6), n))
+    psf_err, ap_err = 0.002 * psf, 0.003 * psf * ratio
+    ap = psf * ratio * (1 + rng.normal(0, 0.003, n)) * (1 + rng.normal(0, 0.002, n))
+    bad = rng.choice(n, 30, replace=False)
+    ap[bad] *= rng.uniform(1.05, 1.3, 30)  # unrecognised neighbours in the aperture
+    apc = fit_aperture_correction(x, y, psf, psf_err, ap, ap_err, np.ones(n, bool), (4096, 2048), order=2)
+    gx, gy = rng.uniform(0, 2047, 100), rng.uniform(0, 4095, 100)
+    gu, gv = gx / 2047 * 2 - 1, gy / 4095 * 2 - 1
+    truth = 1.05 + 0.01 * gu - 0.008 * gv + 0.004 * gu * gv + 0.006 * (2 * gv * gv - 1)
+    np.testing.assert_allclose(apc(gx, gy), truth, rtol=2.5e-3)
+    assert np.all(np.abs(apc(gx, gy) - truth) < 4 * apc.error_at(gx, gy))  # errors are realistic
+    assert apc.n_used <= n - 25
+    assert np.all(apc.error_at(gx, gy) < 1.5e-3)
+    again = ApertureCorrection.from_dict(json.loads(json.dumps(apc.to_dict())))
+    np.testing.assert_array_equal(again(gx, gy), apc(gx, gy))
+    assert again.order == 2 and again.detector_shape == (4096, 2048)
+
+
+def test_order_is_lowered_for_few_stars_and_too_few_raise():
+    x, y = np.linspace(10, 1000, 10), np.array([900.0, 20, 500, 300, 700, 100, 950, 400, 60, 600])
+    f = np.full(10, 1e5)
+    apc = fit_aperture_correction(x, y, f, 0.01 * f, 1.02 * f, 0.01 * f, np.ones(10, bool), SHAPE, order=2)
+    assert apc.order == 1
+    np.testing.assert_allclose(apc(500.0, 500.0), 1.02)
+    with pytest.raises(AlgorithmError) as exc:
+        fit_aperture_correction(x, y, f, 0.01 * f, f, 0.01 * f, np.arange(10) < 2, SHAPE)
+    assert exc.value.metadata["n_stars"] == 2

@@ -1,0 +1,86 @@
+"""Tests of lsst_prod.algorithms.photocal (zero point from matched reference stars)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lsst_prod.algorithms.photocal import (
+    AB_NJY_ZERO_POINT,
+    fit_zero_point,
+    intrinsic_scatter,
+    zero_point_to_njy_per_electron,
+)
+from lsst_prod.errors import AlgorithmError
+
+TRUE_ZP = 28.734
+
+
+def _catalogue(rng, n=100, frac_err=0.01, outlier_frac=0.05, extra_scatter=0.0):
+    """Matched stars with ``frac_err`` total fractional error (split between measured and reference)."""
+    ref_mag = rng.uniform(17.0, 21.0, n)
+    ref_njy = 10 ** (-0.4 * (ref_mag - AB_NJY_ZERO_POINT))
+    true_e = 10 ** (-0.4 * (ref_mag - TRUE_ZP))  # electrons
+    e_each = frac_err / np.sqrt(2.0)
+    inst = true_e * (1 + rng.normal(0, e_each, n)) * (1 + rng.normal(0, extra_scatter, n))
+    ref = ref_njy * (1 + rng.normal(0, e_each, n))
+    n_out = int(round(outlier_frac * n))
+    out = rng.choice(n, n_out, replace=False)
+    inst[out] *= 10 ** (-0.4 * rng.choice([-1, 1], n_out) * rng.uniform(0.1, 1.0, n_out))  # variables, blends
+    return inst, e_each * inst, ref, e_each * ref, out
+
+
+def test_zero_point_recovered_to_1_mmag_with_outliers():
+    rng = np.random.default_rng(2024)
+    errors, reported = [], []
+    for _ in range(50):
+        inst, inst_err, ref, ref_err, out = _catalogue(rng)
+        cal = fit_zero_point(inst, inst_err, ref, ref_err)
+        errors.append(cal.zero_point - TRUE_ZP)
+        reported.append(cal.zero_point_err)
+        assert not cal.used[out].any()  # every 0.1-1 mag outlier is clipped
+        assert cal.n_used >= 90
+        assert abs(cal.zero_point - TRUE_ZP) < 4 * cal.zero_point_err
+    errors = np.array(errors) * 1e3  # mmag
+    # statistical floor: 1.0857 * 1% / sqrt(95) = 1.1 mmag per realisation; no bias from the outliers
+    assert np.sqrt(np.mean(errors**2)) < 1.3
+    assert abs(np.mean(errors)) < 0.5
+    np.testing.assert_allclose(np.median(reported) * 1e3, 1.0857 * 10 / np.sqrt(95), rtol=0.1)
+
+
+def test_calibration_factor_and_units():
+    rng = np.random.default_rng(5)
+    inst, inst_err, ref, ref_err, _ = _catalogue(rng, outlier_frac=0.0, frac_err=0.001)
+    cal = fit_zero_point(inst, inst_err, ref, ref_err)
+    assert abs(cal.zero_point - TRUE_ZP) < 1e-3
+    np.testing.assert_allclose(cal.nJy_per_electron, 10 ** (-0.4 * (cal.zero_point - 31.4)))
+    np.testing.assert_allclose(inst * cal.nJy_per_electron, ref, rtol=0.005)  # electrons -> nJy
+    assert zero_point_to_njy_per_electron(31.4) == 1.0
+    assert cal.rms_mmag < 2.0 and cal.intrinsic_scatter_mmag < 1.0
+    assert set(cal.to_dict()) >= {"zero_point", "zero_point_err", "nJy_per_electron", "n_used", "rms_mmag"}
+
+
+def test_intrinsic_scatter_is_estimated():
+    rng = np.random.default_rng(8)
+    inst, inst_err, ref, ref_err, _ = _catalogue(rng, n=400, outlier_frac=0.0, extra_scatter=0.03)
+    cal = fit_zero_point(inst, inst_err, ref, ref_err)
+    np.testing.assert_allclose(cal.intrinsic_scatter_mmag, 1085.7 * 0.03, rtol=0.15)
+    assert abs(cal.zero_point - TRUE_ZP) < 4 * cal.zero_point_err
+    # the helper itself: residuals drawn with errors 1 and extra scatter 2 -> s ~ 2
+    r = rng.normal(0, np.sqrt(5.0), 20000)
+    assert abs(intrinsic_scatter(r, np.ones_like(r)) - 2.0) < 0.05
+    assert intrinsic_scatter(rng.normal(0, 0.5, 100), np.ones(100)) == 0.0
+
+
+def test_too_few_stars_and_bad_values():
+    with pytest.raises(AlgorithmError) as exc:
+        fit_zero_point(np.ones(3), np.full(3, 0.01), np.ones(3), np.full(3, 0.01))
+    assert exc.value.metadata["n_stars"] == 3
+    rng = np.random.default_rng(1)
+    inst, inst_err, ref, ref_err, _ = _catalogue(rng, n=30, outlier_frac=0.0)
+    inst[:4] = [np.nan, -1.0, 0.0, np.inf]
+    good = np.ones(30, bool)
+    good[4] = False
+    cal = fit_zero_point(inst, inst_err, ref, ref_err, good=good)
+    assert not cal.used[:5].any() and cal.n_used <= 25
+    assert abs(cal.zero_point - TRUE_ZP) < 4 * cal.zero_point_err
