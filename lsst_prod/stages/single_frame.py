@@ -199,7 +199,7 @@ class SingleFrameStage(Stage):
         visit, detector = int(did["visit"]), int(did["detector"])
         source_ids = SourceIdFactory(ctx.release_id, visit, detector).make(n)
         columns = build_source_columns(
-            cols, source_ids=source_ids, ra=ra, dec=dec, wcs=wcs, calib=calib, apcorr=ac, apcorr_err=apcorr.error,
+            cols, source_ids=source_ids, ra=ra, dec=dec, wcs=wcs, calib=calib, apcorr=ac, apcorr_err=apcorr.error_at(cols["x"], cols["y"]),
             visit=visit, detector=detector, band=band, physical_filter=hdr["FILTER"], psf_used=psf_used,
             psf_candidate=psf_cand, astrometry_used=astrometry_used, photometry_used=photometry_used,
         )

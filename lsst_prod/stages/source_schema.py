@@ -37,7 +37,7 @@ _PASS_THROUGH = (
 
 def build_source_columns(
     cols: dict[str, np.ndarray], *, source_ids: np.ndarray, ra: np.ndarray, dec: np.ndarray, wcs: WCS, calib: float,
-    apcorr: np.ndarray, apcorr_err: float, visit: int, detector: int, band: str, physical_filter: str,
+    apcorr: np.ndarray, apcorr_err: np.ndarray | float, visit: int, detector: int, band: str, physical_filter: str,
     psf_used: np.ndarray, psf_candidate: np.ndarray, astrometry_used: np.ndarray, photometry_used: np.ndarray,
 ) -> dict[str, Any]:
     """Assemble the DP1-named Source columns; fluxes in nJy (PSF flux aperture-corrected)."""
@@ -58,9 +58,11 @@ def build_source_columns(
     out["psfFlux_instFlux"] = np.asarray(cols["psfFlux"], float)
     out["psfFlux_instFluxErr"] = np.asarray(cols["psfFluxErr"], float)
     out["psfFlux"] = out["psfFlux_instFlux"] * apcorr * calib
-    out["psfFluxErr"] = out["psfFlux_instFluxErr"] * apcorr * calib
+    # As Rubin's ApplyApCorr: the aperture-correction uncertainty is part of the corrected flux error.
+    apcorr_err = np.broadcast_to(np.asarray(apcorr_err, float), (n,))
+    out["psfFluxErr"] = np.hypot(out["psfFlux_instFluxErr"] * apcorr, out["psfFlux_instFlux"] * apcorr_err) * calib
     out["psfFlux_apCorr"] = np.asarray(apcorr, float)
-    out["psfFlux_apCorrErr"] = np.full(n, float(apcorr_err))
+    out["psfFlux_apCorrErr"] = np.array(apcorr_err, float)
     for r in APERTURE_RADII:
         key = f"ap{r:02d}Flux"
         if key not in cols:
