@@ -11,6 +11,8 @@ per error class and records every attempt in provenance.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -70,6 +72,7 @@ class ParslSession:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _attach_parsl_log(self.run_dir / "parsl.log")
+        _ensure_scripts_on_path()
         self.dfk = parsl.load(self.build_config())
         self._PythonApp = PythonApp
         return self
@@ -97,6 +100,15 @@ def is_worker_lost(exc: BaseException) -> bool:
     """True if a future failed because the worker/manager died (not the task's own error)."""
     name = type(exc).__name__
     return name in {"WorkerLost", "ManagerLost", "BadStateException", "DependencyError"} or "lost" in str(exc).lower()
+
+
+def _ensure_scripts_on_path() -> None:
+    """HTEX starts ``interchange.py`` and ``process_worker_pool.py`` through PATH: put the running
+    interpreter's scripts directory first, so a driver started without activating its venv works."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path
 
 
 def _attach_parsl_log(path: Path) -> None:
