@@ -28,7 +28,7 @@ from .errors import ConfigError, LsstProdError, PlanningError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-console = Console(stderr=False, highlight=False)
+console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 100)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -212,14 +212,14 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(f"\n[bold]Report for {report['run']}[/bold]: {head}; {t['quanta']} quanta, "
                   f"{t['succeeded']} succeeded, {t['nowork']} no work, {t['failed']} failed, {t['blocked']} blocked, "
                   f"{t['attempts']} attempts; hosts {', '.join(report['hosts']) or '-'}")
-    table = Table(title="stages")
-    for col in ("stage", "quanta", "ok", "failed", "blocked", "retries", "wall med (s)", "wall max (s)",
-                "cpu total (s)", "peak RSS (MiB)"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    table = Table(title="stages", title_justify="left")
+    table.add_column("stage", no_wrap=True)
+    for col in ("quanta", "ok", "fail", "blocked", "retries", "wall s med/max", "cpu s", "RSS MiB"):
+        table.add_column(col, justify="right")
     for stage, s in report["stages"].items():
         tm = s.get("timing", {})
         table.add_row(stage, str(s["quanta"]), str(s["succeeded"] + s["nowork"]), str(s["failed"]), str(s["blocked"]),
-                      str(s.get("retries", 0)), _fmt(tm.get("wall_s_median")), _fmt(tm.get("wall_s_max")),
+                      str(s.get("retries", 0)), f"{_fmt(tm.get('wall_s_median'))}/{_fmt(tm.get('wall_s_max'))}",
                       _fmt(tm.get("cpu_s_total")), _fmt(tm.get("peak_rss_mib_max")))
     console.print(table)
     for stage, s in report["stages"].items():
