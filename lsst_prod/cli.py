@@ -282,6 +282,35 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_site_check(args: argparse.Namespace) -> int:
+    from .config.site import load_site
+    from .execution.site_check import mpi_selftest, probe_slurm
+
+    site = load_site(args.site)
+    out: dict[str, Any] = {"site": site.name, "file": str(args.site), "valid": True, "scheduler": site.scheduler,
+                           "memory_classes": [m.model_dump() for m in site.classes()]}
+    if site.scheduler == "slurm":
+        out["slurm"] = probe_slurm(site)
+    if args.mpi:
+        out["mpi"] = mpi_selftest(site, args.ranks)
+    if args.json:
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+        console.print(f"site [bold]{site.name}[/bold] ({args.site}): valid, scheduler {site.scheduler}, "
+                      f"memory classes " + ", ".join(f"{m.name}={m.memory_gib:g} GiB" for m in site.memory_classes)
+                      if site.memory_classes else f"site [bold]{site.name}[/bold] ({args.site}): valid, "
+                      f"scheduler {site.scheduler}")
+        for p in out.get("slurm", {}).get("partitions", []):
+            console.print(f"  partition {p['partition']}{' (default)' if p['default'] else ''}: {p['available']}, "
+                          f"{p['nodes']} node(s) {p['state']}, {p['cpus_per_node']} cpus, {p['memory_mb']} MB")
+        if "mpi" in out:
+            m = out["mpi"]
+            console.print(f"  MPI: {m['ranks']} ranks on {', '.join(sorted(set(m['hosts'])))} via "
+                          f"{' '.join(m['mpi_command'])}; Allreduce vs serial: max rel diff {m['max_rel_diff']:.1e} "
+                          f"({'ok' if m['ok'] else 'WRONG'}); Slurm job {m.get('worker_slurm_job_id') or '-'}")
+    return EXIT_OK if not args.mpi or out["mpi"]["ok"] else EXIT_FAILED
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -372,6 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     repo_opt(s)
     s.add_argument("--source-id", type=int, required=True, metavar="ID")
     s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("site", help="site utilities (check)", description="Site utilities.")
+    site_sub = s.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
+    c = site_sub.add_parser("check", help="validate a site file and probe its scheduler",
+                            description="Validate SITE.yaml (errors name file:line and key), probe the scheduler "
+                                        "(sinfo: does the partition exist, nodes and their state) and, with --mpi, "
+                                        "run an MPI Allreduce through the site's MPI executor and compare it with "
+                                        "the serial answer.")
+    c.add_argument("site", metavar="SITE.yaml")
+    c.add_argument("--mpi", action="store_true", help="also run an MPI job of --ranks ranks through the site")
+    c.add_argument("--ranks", type=int, default=2, help="ranks for --mpi (default 2)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_site_check)
     return p
 
 

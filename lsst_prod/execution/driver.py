@@ -27,7 +27,7 @@ from ..graph.graph import QuantumGraph
 from ..repo import DataId, Repository
 from ..repo.atomic import write_bytes_atomic
 from ..provenance.writer import ProvenanceWriter
-from .parsl_adapter import ParslSession, is_worker_lost
+from .parsl_adapter import ParslSession, executor_label, is_worker_lost
 from .policy import Action, decide
 from .worker import execute_quantum
 
@@ -104,8 +104,9 @@ class Driver:
         self.stage_configs = {name: cfg.model_dump(mode="json")
                               for name, cfg in campaign.config.stages.enabled().items()}
 
-    def _payload(self, qid: str, attempt: int, executor: str) -> dict[str, Any] | str:
+    def _payload(self, qid: str, attempt: int, executor: str, memory_class: int = 0) -> dict[str, Any] | str:
         q = self.graph[qid]
+        mc = self.campaign.site.classes()[memory_class]
         inputs = [r.to_dict() for r in q.prerequisites]
         prereq_keys = {(r.dataset_type, r.data_id) for r in q.prerequisites}
         for dtype, did in q.spec.inputs:
@@ -127,6 +128,9 @@ class Driver:
             "inputs": inputs,
             "release_id": self.campaign.config.release_id,
             "executor": executor,
+            "memory_class": mc.name,
+            "memory_limit_gib": None if mc.memory_gib >= 1e5 else mc.memory_gib,
+            "mpi": {**self.campaign.site.mpi.model_dump(), "workdir": str(plan_dir(self.repo, self.run).parent / "_mpi")},
             "inject": _injection_for(self.campaign, q.stage, q.data_id),
         }
 
@@ -137,12 +141,25 @@ class Driver:
         pending_deps = {qid: {d for d in self.graph[qid].depends_on if d in to_run} for qid in to_run}
         attempts: Counter = Counter()
         prior = _prior_attempts(self.repo, self.run)
+        site = self.campaign.site
+        classes = site.classes()
+        from ..stages import STAGES
+
+        def initial_class(qid: str) -> int:
+            """The stage's memory class, or the one a previous run escalated to (restart)."""
+            stage_cls = STAGES[self.graph[qid].stage]
+            idx = site.class_for(stage_cls.resources.memory_gib)
+            _, name, _ = prior.get(qid, (0, None, None))
+            names = [c.name for c in classes]
+            return max(idx, names.index(name)) if name in names else idx
+
+        mem_class = {qid: initial_class(qid) for qid in to_run}
+        uses_mpi = any(STAGES[self.graph[q].stage].resources.mpi_ranks > 0 for q in to_run)
         stopped_stages: set[str] = set()
         order = {qid: i for i, qid in enumerate(q.id for q in self.graph)}
         ready = deque(sorted((q for q, deps in pending_deps.items() if not deps), key=order.__getitem__))
         inflight: dict[Future, tuple[str, int]] = {}
-        site = self.campaign.site
-        session = ParslSession(site, plan_dir(self.repo, self.run).parent / "_parsl")
+        session = ParslSession(site, plan_dir(self.repo, self.run).parent / "_parsl", with_mpi=uses_mpi)
         if self.progress:
             self.progress.start(Counter(self.graph[q].stage for q in to_run))
 
@@ -178,14 +195,16 @@ class Driver:
                 finish(qid, "blocked", "stage stopped")
                 return
             attempts[qid] += 1
-            attempt = prior.get(qid, 0) + attempts[qid]
-            payload = self._payload(qid, attempt, session.label)
+            attempt = prior.get(qid, (0, None, None))[0] + attempts[qid]
+            is_mpi = STAGES[self.graph[qid].stage].resources.mpi_ranks > 0
+            label = executor_label(site, mem_class[qid], mpi=is_mpi)
+            payload = self._payload(qid, attempt, label, mem_class[qid])
             if isinstance(payload, str):
                 self.writer.set_status([qid], "blocked", "Blocked", payload)
                 finish(qid, "blocked", payload)
                 return
             self.writer.set_status([qid], "running")
-            inflight[session.submit(execute_quantum, payload)] = (qid, attempt)
+            inflight[session.submit(execute_quantum, payload, executor=label)] = (qid, attempt)
 
         with session:
             while ready or inflight:
@@ -204,12 +223,22 @@ class Driver:
                             "quantum_id": qid, "stage": q.stage, "data_id": q.data_id.to_dict(),
                             "attempt": attempt, "outcome": "failed",
                             "error_class": "WorkerLost" if is_worker_lost(exc) else "TransientError",
-                            "error_message": f"{type(exc).__name__}: {exc}", "executor": session.label,
+                            "error_message": f"{type(exc).__name__}: {exc}",
+                            "executor": executor_label(site, mem_class[qid]), "memory_class": classes[mem_class[qid]].name,
                             "inputs": [], "outputs": [],
                         }
                     action = decide(record["outcome"], record.get("error_class"), attempt, self.campaign.config.retry)
+                    if record.get("error_class") == "OutOfMemory" and action is Action.RETRY:
+                        if mem_class[qid] + 1 < len(classes):
+                            mem_class[qid] += 1  # escalate: the next attempt runs on a larger class
+                            log.warning("[%s] out of memory on class %s; retrying on %s", qid,
+                                        classes[mem_class[qid] - 1].name, classes[mem_class[qid]].name)
+                        else:
+                            action = Action.FAIL  # already on the largest class the site has
                     status = {Action.SUCCEED: record["outcome"], Action.RETRY: "submitted",
                               Action.FAIL: "failed", Action.STOP_STAGE: "failed"}[action]
+                    if record.get("error_class") == "OutOfMemory" and action is Action.RETRY:
+                        record = dict(record, memory_class_next=classes[mem_class[qid]].name)
                     self.writer.record_attempt(record, status)
                     if action is Action.SUCCEED:
                         finish(qid, record["outcome"])
@@ -225,11 +254,13 @@ class Driver:
         return result
 
 
-def _prior_attempts(repo: Repository, run: str) -> dict[str, int]:
+def _prior_attempts(repo: Repository, run: str) -> dict[str, tuple[int, str | None, str | None]]:
+    """quantum -> (attempts so far, memory class of the last attempt, its error class)."""
     import sqlalchemy as sa
 
     from ..provenance.db import quanta
 
     with repo.engine.connect() as c:
-        return {r.quantum_id: int(r.n_attempts or 0)
-                for r in c.execute(sa.select(quanta.c.quantum_id, quanta.c.n_attempts).where(quanta.c.run == run))}
+        rows = c.execute(sa.select(quanta.c.quantum_id, quanta.c.n_attempts, quanta.c.memory_class,
+                                   quanta.c.error_class).where(quanta.c.run == run))
+        return {r.quantum_id: (int(r.n_attempts or 0), r.memory_class, r.error_class) for r in rows}

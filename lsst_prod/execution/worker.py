@@ -92,11 +92,48 @@ def _inject(spec: dict[str, Any] | None, attempt: int, executor: str) -> None:
     raise AlgorithmError(msg, injected=True)
 
 
-def execute_quantum(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run ``payload['stage']`` on ``payload['data_id']``; return the attempt's record."""
-    from ..repo import DataId, DatasetRef, Repository
+class _MemoryLimit:
+    """Cap this process's data segment (RLIMIT_DATA) for one quantum: an allocation beyond the
+    memory class raises MemoryError, which is recorded as OutOfMemory and retried on a larger
+    class.  Works without cgroups (and under Slurm without task/cgroup).  Not applied in the
+    thread executor (the limit is per process)."""
+
+    def __init__(self, gib: float | None) -> None:
+        self.gib = gib
+        self.saved = None
+
+    def __enter__(self) -> "_MemoryLimit":
+        if self.gib:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+            limit = int(self.gib * (1 << 30))
+            if hard != resource.RLIM_INFINITY:
+                limit = min(limit, hard)
+            self.saved = (soft, hard)
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, self.saved)
+
+
+def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]:
+    """Run ``payload['stage']`` on ``payload['data_id']``; return the attempt's record.
+
+    An MPI stage (``resources.mpi_ranks > 0``) called without ``comm`` launches its ranks
+    (:mod:`.mpi`) and returns rank 0's record; each rank runs this function with ``comm``.
+    """
     from ..stages import STAGES
+
+    stage_cls = STAGES[payload["stage"]]
+    if stage_cls.resources.mpi_ranks > 0 and comm is None:
+        return _execute_mpi(payload, stage_cls.resources.mpi_ranks)
     from ..config.stages import STAGE_CONFIGS
+    from ..repo import DataId, DatasetRef, Repository
     from ..stages.base import QuantumContext
 
     data_id = DataId(payload["data_id"])
@@ -141,11 +178,14 @@ def execute_quantum(payload: dict[str, Any]) -> dict[str, Any]:
         release_id=payload["release_id"],
         attempt=payload["attempt"],
         log=log,
+        comm=comm,
     )
+    limit = payload.get("memory_limit_gib") if payload.get("executor") != "threads" else None
     try:
         log.info("[%s] %s attempt %d starting", data_id, stage_name, payload["attempt"])
         _inject(payload.get("inject"), payload["attempt"], payload.get("executor", ""))
-        STAGES[stage_name]().run_quantum(ctx)
+        with _MemoryLimit(limit):
+            stage_cls().run_quantum(ctx)
         record["outcome"] = "succeeded"
         log.info("[%s] %s succeeded", data_id, stage_name)
     except LsstProdError as exc:
@@ -158,7 +198,8 @@ def execute_quantum(payload: dict[str, Any]) -> dict[str, Any]:
         record["error_metadata"] = getattr(exc, "metadata", {})
         log.warning("[%s] %s: %s: %s", data_id, stage_name, exc.error_class, exc)
     except MemoryError as exc:
-        record.update(outcome="failed", error_class="OutOfMemory", error_message=f"MemoryError: {exc}")
+        record.update(outcome="failed", error_class="OutOfMemory",
+                      error_message=f"MemoryError: {exc} (memory class limit {limit} GiB)")
     except OSError as exc:
         err = TransientError(f"{type(exc).__name__}: {exc}")
         record.update(outcome="failed", error_class=err.error_class, error_message=str(err))
@@ -180,4 +221,28 @@ def execute_quantum(payload: dict[str, Any]) -> dict[str, Any]:
     record["outputs"] = [r.to_dict() for r in ctx.outputs] if record["outcome"] == "succeeded" else []
     record["summary"] = ctx.summary
     record["log_tail"] = "\n".join(tail.lines)
+    return record
+
+
+def _execute_mpi(payload: dict[str, Any], ranks: int) -> dict[str, Any]:
+    """Launch the quantum's MPI ranks; failures of the launch itself become a failed record."""
+    from ..errors import LsstProdError
+    from .mpi import run_mpi_program
+
+    mpi = payload.get("mpi") or {}
+    n = min(ranks, int(mpi.get("max_ranks", ranks)))
+    start, t0 = _now(), time.perf_counter()
+    try:
+        record = run_mpi_program("lsst_prod.execution.mpi_entry", payload, n, mpi.get("launcher", "mpiexec"),
+                                 mpi.get("launcher_options", ""), workdir=mpi.get("workdir"))
+    except LsstProdError as exc:
+        return {
+            "quantum_id": payload["quantum_id"], "stage": payload["stage"], "data_id": payload["data_id"],
+            "attempt": payload["attempt"], "outcome": "failed", "error_class": exc.error_class,
+            "error_message": str(exc), "host": socket.gethostname(), "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "executor": payload.get("executor"),
+            "inputs": payload["inputs"], "outputs": [], "start": start, "end": _now(),
+            "wall_s": time.perf_counter() - t0, "params": payload["config"], "versions": software_versions(),
+        }
+    record["summary"] = dict(record.get("summary") or {}, mpi_ranks=n)
     return record

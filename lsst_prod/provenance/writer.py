@@ -104,7 +104,8 @@ class ProvenanceWriter:
                 .values(
                     status=final_status,
                     n_attempts=quanta.c.n_attempts + 1,
-                    memory_class=record.get("memory_class"),
+                    # the class the NEXT attempt uses (escalated after OutOfMemory): restart reads it
+                    memory_class=record.get("memory_class_next") or record.get("memory_class"),
                     error_class=record.get("error_class") if final_status != "succeeded" else None,
                     error_message=record.get("error_message") if final_status != "succeeded" else None,
                     updated=utcnow(),

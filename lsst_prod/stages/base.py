@@ -59,6 +59,7 @@ class QuantumContext:
     release_id: int
     attempt: int = 1
     log: logging.LoggerAdapter | None = None
+    comm: Any = None  # mpi4py communicator for MPI stages (rank 0 writes outputs)
     outputs: list[DatasetRef] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
