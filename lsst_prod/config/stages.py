@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    memory_gib: float | None = Field(
+        None, gt=0, description="memory requested per quantum, GiB (default: the stage's own declaration); "
+                                "picks the site's memory class, which is escalated on OutOfMemory")
+
 
 class SingleFrameConfig(StageConfig):
     """ISR -> background -> cosmic rays -> detection -> PSF -> measurement -> astrometry -> photometry."""

@@ -147,8 +147,9 @@ class Driver:
 
         def initial_class(qid: str) -> int:
             """The stage's memory class, or the one a previous run escalated to (restart)."""
-            stage_cls = STAGES[self.graph[qid].stage]
-            idx = site.class_for(stage_cls.resources.memory_gib)
+            stage = self.graph[qid].stage
+            requested = self.campaign.config.stages.enabled()[stage].memory_gib
+            idx = site.class_for(requested or STAGES[stage].resources.memory_gib)
             _, name, _ = prior.get(qid, (0, None, None))
             names = [c.name for c in classes]
             return max(idx, names.index(name)) if name in names else idx
@@ -228,17 +229,17 @@ class Driver:
                             "inputs": [], "outputs": [],
                         }
                     action = decide(record["outcome"], record.get("error_class"), attempt, self.campaign.config.retry)
-                    if record.get("error_class") == "OutOfMemory" and action is Action.RETRY:
+                    if record.get("error_class") == "OutOfMemory":
                         if mem_class[qid] + 1 < len(classes):
-                            mem_class[qid] += 1  # escalate: the next attempt runs on a larger class
-                            log.warning("[%s] out of memory on class %s; retrying on %s", qid,
+                            # escalate: the next attempt (now, or after a restart) runs on a larger class
+                            mem_class[qid] += 1
+                            record = dict(record, memory_class_next=classes[mem_class[qid]].name)
+                            log.warning("[%s] out of memory on class %s; next attempt on %s", qid,
                                         classes[mem_class[qid] - 1].name, classes[mem_class[qid]].name)
-                        else:
+                        elif action is Action.RETRY:
                             action = Action.FAIL  # already on the largest class the site has
                     status = {Action.SUCCEED: record["outcome"], Action.RETRY: "submitted",
                               Action.FAIL: "failed", Action.STOP_STAGE: "failed"}[action]
-                    if record.get("error_class") == "OutOfMemory" and action is Action.RETRY:
-                        record = dict(record, memory_class_next=classes[mem_class[qid]].name)
                     self.writer.record_attempt(record, status)
                     if action is Action.SUCCEED:
                         finish(qid, record["outcome"])
