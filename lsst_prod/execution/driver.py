@@ -27,6 +27,7 @@ from ..graph.graph import QuantumGraph
 from ..repo import DataId, Repository
 from ..repo.atomic import write_bytes_atomic
 from ..provenance.writer import ProvenanceWriter
+from .cleanup import job_comment
 from .parsl_adapter import ParslSession, executor_label, is_worker_lost
 from .policy import Action, decide
 from .worker import execute_quantum
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 
 def plan_dir(repo: Repository, run: str) -> Path:
     return repo.root / run / "_plan"
+
+
+def parsl_dir(repo: Repository, run: str, site=None) -> Path:
+    """Parsl's run directory (logs, submit scripts): the site's scratch_dir/<run>, else REPO/<run>/_parsl."""
+    if site is not None and site.scratch_dir:
+        import os
+
+        return Path(os.path.expandvars(site.scratch_dir)) / run
+    return repo.root / run / "_parsl"
 
 
 @dataclass
@@ -160,7 +170,7 @@ class Driver:
         order = {qid: i for i, qid in enumerate(q.id for q in self.graph)}
         ready = deque(sorted((q for q, deps in pending_deps.items() if not deps), key=order.__getitem__))
         inflight: dict[Future, tuple[str, int]] = {}
-        session = ParslSession(site, plan_dir(self.repo, self.run).parent / "_parsl", with_mpi=uses_mpi)
+        session = ParslSession(site, parsl_dir(self.repo, self.run, site), with_mpi=uses_mpi, job_comment=job_comment(self.run))
         if self.progress:
             self.progress.start(Counter(self.graph[q].stage for q in to_run))
 

@@ -44,7 +44,7 @@ def executor_label(site: SiteConfig, memory_class: int | None, mpi: bool = False
     return f"htex_{site.classes()[memory_class or 0].name}"
 
 
-def _provider(site: SiteConfig, worker_init: str, first: bool, cores: int | None = None):
+def _provider(site: SiteConfig, worker_init: str, first: bool, cores: int | None = None, comment: str | None = None):
     from parsl.launchers import SingleNodeLauncher, SrunLauncher
     from parsl.providers import LocalProvider, SlurmProvider
 
@@ -52,8 +52,10 @@ def _provider(site: SiteConfig, worker_init: str, first: bool, cores: int | None
         return LocalProvider(init_blocks=1 if first else 0, min_blocks=0, max_blocks=1, worker_init=worker_init)
     s = site.slurm
     assert s is not None
-    options = "\n".join(line if line.startswith("#SBATCH") else f"#SBATCH {line}"
-                        for line in s.scheduler_options.splitlines() if line.strip())
+    lines = [line for line in s.scheduler_options.splitlines() if line.strip()]
+    if comment:
+        lines.append(f"--comment={comment}")  # lets a restart find (and cancel) a dead driver's blocks
+    options = "\n".join(line if line.startswith("#SBATCH") else f"#SBATCH {line}" for line in lines)
     return SlurmProvider(
         partition=s.partition,
         account=s.account,
@@ -73,7 +75,7 @@ def _provider(site: SiteConfig, worker_init: str, first: bool, cores: int | None
     )
 
 
-def build_executors(site: SiteConfig, with_mpi: bool = True) -> list:
+def build_executors(site: SiteConfig, with_mpi: bool = True, job_comment: str | None = None) -> list:
     from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
 
     if site.executor == "threads":
@@ -94,7 +96,7 @@ def build_executors(site: SiteConfig, with_mpi: bool = True) -> list:
             heartbeat_period=site.heartbeat_period_s,
             heartbeat_threshold=3 * site.heartbeat_period_s,
             poll_period=10,
-            provider=_provider(site, worker_init, first=(i == 0)),
+            provider=_provider(site, worker_init, first=(i == 0), comment=job_comment),
         ))
     if with_mpi:
         executors.append(HighThroughputExecutor(
@@ -104,7 +106,7 @@ def build_executors(site: SiteConfig, with_mpi: bool = True) -> list:
             heartbeat_period=site.heartbeat_period_s,
             heartbeat_threshold=3 * site.heartbeat_period_s,
             poll_period=10,
-            provider=_provider(site, worker_init, first=False, cores=site.mpi.max_ranks),
+            provider=_provider(site, worker_init, first=False, cores=site.mpi.max_ranks, comment=job_comment),
         ))
     return executors
 
@@ -122,9 +124,10 @@ def _worker_init(site: SiteConfig) -> str:
 class ParslSession:
     """A loaded Parsl DataFlowKernel for one site; use as a context manager."""
 
-    def __init__(self, site: SiteConfig, run_dir: Path, with_mpi: bool = True) -> None:
+    def __init__(self, site: SiteConfig, run_dir: Path, with_mpi: bool = True, job_comment: str | None = None) -> None:
+        self.job_comment = job_comment
         self.site = site
-        self.run_dir = Path(site.scratch_dir) if site.scratch_dir else Path(run_dir)
+        self.run_dir = Path(run_dir)
         self.with_mpi = with_mpi
         self.dfk = None
         self._apps: dict[tuple[Callable, str], Any] = {}
@@ -133,7 +136,7 @@ class ParslSession:
         from parsl.config import Config
 
         return Config(
-            executors=build_executors(self.site, self.with_mpi),
+            executors=build_executors(self.site, self.with_mpi, self.job_comment),
             run_dir=str(self.run_dir),
             retries=0,
             strategy="simple",

@@ -15,7 +15,8 @@ from ..graph.planner import plan
 from ..provenance.db import quanta
 from ..repo import Repository
 from ..repo.atomic import sha256_file, sweep_temporaries, write_bytes_atomic
-from .driver import Driver, DriverLock, RunResult, plan_dir
+from .cleanup import cancel_run_jobs, kill_orphan_parsl_processes
+from .driver import Driver, DriverLock, RunResult, parsl_dir, plan_dir
 
 
 def new_run_name(campaign: Campaign) -> str:
@@ -79,6 +80,9 @@ def restart(repo: Repository, run: str, progress: Any = None, site_override: str
     campaign, graph = load_run(repo, run, site_override)
     pdir = plan_dir(repo, run)
     with DriverLock(pdir / "driver.lock"):
+        # the lock is ours, so any previous driver is dead: clear what it left running
+        kill_orphan_parsl_processes(parsl_dir(repo, run, campaign.site))
+        cancel_run_jobs(run)
         sweep_temporaries(repo.root / run)
         to_run = quanta_to_rerun(repo, run, graph)
         driver = Driver(repo, campaign, graph, run, progress)
