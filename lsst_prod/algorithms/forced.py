@@ -1,0 +1,197 @@
+"""Forced PSF photometry at fixed positions (objects on calexps and difference images).
+
+For every object the PSF model ``p_i = psf.image_at(x_i, y_i, S)`` (unit sum) is
+placed at its fixed position and the amplitudes of all objects are fitted by
+linear least squares:
+
+    N a = b,   N_ij = sum_pix w p_i p_j,   b_i = sum_pix w p_i d,   w = 1 / background variance
+
+The weights use the background variance only (a scalar or an image, by default the
+median variance of the usable undetected pixels): weights including the source's
+own Poisson variance would correlate with the data and bias bright sources low.
+The covariance comes from the full variance V: ``C = N^-1 (X^T W V W X) N^-1``.
+Unusable pixels (BAD/SAT/CR/NO_DATA, non-finite) get zero weight.
+
+Objects whose stamps overlap are fitted *simultaneously*: the overlapping pairs
+(KD-tree, Chebyshev distance < S) define a sparse normal matrix whose connected
+components are solved independently, dense (pseudo-inverse) up to
+``max_dense_group`` objects, else by a sparse LU factorisation (errors from batched
+solves).  So a faint object next to a bright one is not biased by its wings, and
+fluxes may be negative (difference images, faint objects).
+
+:func:`propagate_object_positions` moves object positions to the epoch of the
+exposure with :func:`~lsst_prod.algorithms.astrometry.propagate_positions` when
+proper motions or parallaxes are known.  Figures: docs/algorithms-objects.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import splu
+from scipy.spatial import cKDTree
+
+from . import masks
+from .astrometry import propagate_positions
+from .measure import _gather
+
+
+def _solve_group(nmat, mmat, b):
+    """Amplitudes and their variances for one dense group."""
+    ninv = np.linalg.pinv(nmat, hermitian=True)
+    return ninv @ b, np.einsum("ij,jk,ki->i", ninv, mmat, ninv)
+
+
+def _solve_sparse(nmat, mmat, b, batch: int = 256):
+    """Amplitudes and variances of a large group: sparse LU of N, batched solves for diag(N^-1 M N^-1)."""
+    n = len(b)
+    lu = splu((nmat + sparse.identity(n) * 1e-12 * nmat.diagonal().max()).tocsc())
+    amp, var = lu.solve(b), np.empty(n)
+    for start in range(0, n, batch):
+        cols = np.arange(start, min(start + batch, n))
+        e = np.zeros((n, len(cols)))
+        e[cols, np.arange(len(cols))] = 1.0
+        z = lu.solve(e)  # columns of N^-1 (symmetric)
+        var[cols] = np.einsum("ik,ik->k", z, mmat @ z)
+    return amp, var
+
+
+def forced_psf_photometry(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    psf,
+    x,
+    y,
+    background_variance: float | np.ndarray | None = None,
+    stamp_size: int | None = None,
+    simultaneous: bool = True,
+    max_masked_fraction: float = 0.2,
+    max_dense_group: int = 300,
+) -> dict[str, np.ndarray]:
+    """PSF fluxes (image units) of objects at fixed pixel positions (x, y).
+
+    ``image`` is background-subtracted (a calexp or a difference image),
+    ``variance`` its variance, ``mask`` the :mod:`masks` planes (or None), ``psf``
+    follows the PSF protocol (``image_at``).  ``background_variance`` (scalar or
+    image) sets the weights; ``stamp_size`` the PSF stamp (default: the PSF's own);
+    ``simultaneous=False`` fits every object alone (for comparison).  Returns a dict
+    of columns (one row per object, in input order): ``x, y, psfFlux, psfFluxErr,
+    psfFlux_flag, psfFlux_flag_edge, psfFlux_flag_noGoodPixels, psfFlux_flag_masked,
+    psfFlux_group, psfFlux_nGroup, pixelFlags_nodata, pixelFlags_saturatedCenter,
+    pixelFlags_crCenter, pixelFlags_interpolatedCenter`` (see docs/algorithms-objects.md).
+    """
+    x, y = np.atleast_1d(np.asarray(x, np.float64)), np.atleast_1d(np.asarray(y, np.float64))
+    n, (ny, nx) = len(x), image.shape
+    msk = np.zeros(image.shape, np.uint32) if mask is None else np.asarray(mask, np.uint32)
+    usable = ((msk & masks.UNUSABLE) == 0) & np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    img = np.where(usable, image, 0.0).astype(np.float64)
+    var = np.where(usable, variance, 0.0).astype(np.float64)
+    if background_variance is None:
+        sky = usable & ((msk & masks.DETECTED) == 0)
+        background_variance = float(np.median(var[sky if sky.sum() > 100 else usable])) if usable.any() else 1.0
+    bgvar = np.broadcast_to(np.asarray(background_variance, np.float64), image.shape)
+    wimg = np.where(usable, 1.0 / np.where(bgvar > 0, bgvar, np.inf), 0.0)
+
+    finite = np.isfinite(x) & np.isfinite(y)
+    ix = np.where(finite, np.rint(np.where(finite, x, 0)), -1).astype(np.int64)
+    iy = np.where(finite, np.rint(np.where(finite, y, 0)), -1).astype(np.int64)
+    centre_on = finite & (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    centre = np.where(centre_on[:, None], _gather(msk, ix, iy, 1)[0].reshape(n, 9), masks.NO_DATA)
+    centre = np.bitwise_or.reduce(centre, axis=1).astype(np.uint32)
+    size = int(stamp_size) if stamp_size else int(psf.image_at(float(nx // 2), float(ny // 2)).shape[0])
+    c = size // 2
+    # objects whose stamp touches the image are fitted (their light reaches their neighbours)
+    on = finite & (ix >= -c) & (ix < nx + c) & (iy >= -c) & (iy < ny + c)
+    fit = np.flatnonzero(on)
+    stamps = np.zeros((n, size, size))
+    for i in fit:
+        stamps[i] = psf.image_at(float(x[i]), float(y[i]), size)
+    ndiag, mdiag, b, p2, off2, good2 = (np.zeros(n) for _ in range(6))
+    for s0 in range(0, n, 2048):  # chunks bound the memory of the gathered stamps
+        sl = slice(s0, min(s0 + 2048, n))
+        d, inside = _gather(img, ix[sl], iy[sl], c)
+        v, w = _gather(var, ix[sl], iy[sl], c)[0], _gather(wimg, ix[sl], iy[sl], c)[0]
+        st = stamps[sl]
+        wp, st2 = w * st, st * st
+        ndiag[sl], mdiag[sl], b[sl] = (wp * st).sum((1, 2)), (wp * wp * v).sum((1, 2)), (wp * d).sum((1, 2))
+        p2[sl], off2[sl], good2[sl] = st2.sum((1, 2)), (st2 * ~inside).sum((1, 2)), (st2 * (w > 0)).sum((1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off_frac = np.where(on, off2 / p2, 1.0)
+        lost = np.where(on, 1.0 - good2 / p2, 1.0)
+    fit = fit[ndiag[fit] > 0]
+    flux, err = np.full(n, np.nan), np.full(n, np.nan)
+    group, n_group = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+
+    pairs = np.zeros((0, 2), np.int64)
+    if simultaneous and len(fit) > 1:
+        pairs = cKDTree(np.column_stack([ix[fit], iy[fit]])).query_pairs(size - 1, p=np.inf, output_type="ndarray")
+    pi, pj = fit[pairs[:, 0]], fit[pairs[:, 1]]
+    nij, mij = np.zeros(len(pi)), np.zeros(len(pi))
+    for k, (i, j) in enumerate(zip(pi, pj)):  # overlap of the two stamps, in image pixels
+        xa, ya = max(ix[i], ix[j]) - c, max(iy[i], iy[j]) - c
+        xb, yb = min(min(ix[i], ix[j]) + c + 1, nx), min(min(iy[i], iy[j]) + c + 1, ny)
+        xa, ya = max(xa, 0), max(ya, 0)
+        if xa >= xb or ya >= yb:
+            continue
+        wsub = wimg[ya:yb, xa:xb]
+        prod = wsub * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c] \
+            * stamps[j][ya - iy[j] + c: yb - iy[j] + c, xa - ix[j] + c: xb - ix[j] + c]
+        nij[k], mij[k] = prod.sum(), (prod * wsub * var[ya:yb, xa:xb]).sum()
+    keep = nij != 0
+    pi, pj, nij, mij = pi[keep], pj[keep], nij[keep], mij[keep]
+    pos = np.full(n, -1, np.int64)
+    pos[fit] = np.arange(len(fit))
+    graph = sparse.coo_matrix((np.ones(len(pi)), (pos[pi], pos[pj])), shape=(len(fit), len(fit)))
+    n_comp, comp = connected_components(graph, directed=False)
+    sizes = np.bincount(comp, minlength=n_comp)
+    group[fit], n_group[fit] = comp, sizes[comp]
+    single = fit[sizes[comp] == 1]
+    flux[single], err[single] = b[single] / ndiag[single], np.sqrt(mdiag[single]) / ndiag[single]
+    if np.any(sizes > 1):
+        sym_r, sym_c = np.r_[pos[pi], pos[pj], pos[fit]], np.r_[pos[pj], pos[pi], pos[fit]]
+        nmat = sparse.csr_matrix((np.r_[nij, nij, ndiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
+        mmat = sparse.csr_matrix((np.r_[mij, mij, mdiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
+        order = np.argsort(comp, kind="stable")
+        bounds = np.searchsorted(comp[order], np.arange(n_comp + 1))
+        for g in np.flatnonzero(sizes > 1):
+            members = order[bounds[g]: bounds[g + 1]]  # positions in ``fit``
+            sub = np.ix_(members, members)
+            if len(members) <= max_dense_group:
+                amp, avar = _solve_group(nmat[sub].toarray(), mmat[sub].toarray(), b[fit[members]])
+            else:
+                amp, avar = _solve_sparse(nmat[sub], mmat[sub], b[fit[members]])
+            flux[fit[members]], err[fit[members]] = amp, np.sqrt(np.maximum(avar, 0.0))
+
+    no_good = ~on | (ndiag <= 0)
+    masked = on & (lost - off_frac > 1e-3)
+    flux[~centre_on], err[~centre_on] = np.nan, np.nan  # fitted for their neighbours' sake only
+    return {
+        "x": x, "y": y, "psfFlux": flux, "psfFluxErr": err,
+        "psfFlux_flag": no_good | ~centre_on | (lost > max_masked_fraction) | ~np.isfinite(flux) | ~np.isfinite(err),
+        "psfFlux_flag_edge": on & (off_frac > 1e-3), "psfFlux_flag_noGoodPixels": no_good | ~centre_on,
+        "psfFlux_flag_masked": masked, "psfFlux_group": group, "psfFlux_nGroup": n_group,
+        "pixelFlags_nodata": (centre & masks.NO_DATA) != 0, "pixelFlags_saturatedCenter": (centre & masks.SAT) != 0,
+        "pixelFlags_crCenter": (centre & masks.CR) != 0, "pixelFlags_interpolatedCenter": (centre & masks.INTRP) != 0,
+    }
+
+
+def propagate_object_positions(ra, dec, pmra=None, pmdec=None, parallax=None, ref_mjd=51544.5, target_mjd=None):
+    """Object positions (deg) at ``target_mjd`` (TAI): proper motion (mas/yr, pmra with
+    cos dec) and parallax (mas) applied where known and non-zero (0 otherwise, i.e.
+    NaN / None), by :func:`~lsst_prod.algorithms.astrometry.propagate_positions`.
+    ``ref_mjd`` is the epoch of the positions (default J2000); without ``target_mjd``
+    the positions are returned unchanged."""
+    ra, dec = np.atleast_1d(np.asarray(ra, np.float64)).copy(), np.atleast_1d(np.asarray(dec, np.float64)).copy()
+    if target_mjd is None:
+        return ra, dec
+    zero = np.zeros(len(ra))
+    pmra, pmdec, parallax = (zero if v is None else np.nan_to_num(np.broadcast_to(np.asarray(v, np.float64), ra.shape))
+                             for v in (pmra, pmdec, parallax))
+    moving = (pmra != 0) | (pmdec != 0) | (parallax > 0)
+    if moving.any():
+        ref = np.broadcast_to(np.asarray(ref_mjd, np.float64), ra.shape)[moving]
+        ra[moving], dec[moving] = propagate_positions(ra[moving], dec[moving], pmra[moving], pmdec[moving],
+                                                      parallax[moving], ref, float(target_mjd))
+    return ra, dec
