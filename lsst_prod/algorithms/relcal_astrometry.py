@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -508,6 +508,7 @@ def fit_astrometry(
     *,
     nsigma: float = 4.0,
     max_iter: int = 10,
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
     **solve_kwargs,
 ) -> AstrometricSolution:
     """Iterate accumulate (over the parts) / solve / clip until no flag changes (see fit_photometry)."""
@@ -515,9 +516,13 @@ def fit_astrometry(
     want_errors = solve_kwargs.pop("compute_errors", False)  # only for the final solution
     for it in range(1, max_iter + 1):
         normals = sum(accumulate_astrometric_normal_equations(pt) for pt in parts)
+        if allreduce is not None:  # MPI: this rank's parts are summed with every other rank's
+            normals = PartialNormals.from_arrays(allreduce(normals.to_arrays()), normals.layout)
         sol = solve_astrometric(normals, ccdvisits, stars, compute_errors=False, **solve_kwargs)
         clipped = [clip_astrometric_part(pt, sol, nsigma) for pt in parts]
         stats = sum((c[1] for c in clipped), ResidualStats())
+        if allreduce is not None:
+            stats = ResidualStats.from_array(allreduce(stats.to_array()))
         if stats.n_changed == 0 or it == max_iter:
             break
         parts = [c[0] for c in clipped]

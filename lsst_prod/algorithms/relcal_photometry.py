@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -343,9 +343,14 @@ def fit_photometry(
     nsigma: float = 4.0,
     max_iter: int = 10,
     clip_references: bool = True,
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
     **solve_kwargs,
 ) -> PhotometricSolution:
     """Iterate accumulate (over the parts, as MPI ranks would) / solve / clip until no flag changes.
+
+    Under MPI each rank passes its own parts and ``allreduce`` (a function summing a float64
+    buffer over all ranks, e.g. ``lambda b: comm.allreduce(b)`` or an in-place ``Allreduce``):
+    every rank then holds the same normal equations and computes the same solution.
 
     ``solve_kwargs`` go to :func:`solve_photometric`; the zero-point errors
     (``compute_errors``, default True) are computed for the final solution only.  The
@@ -358,9 +363,13 @@ def fit_photometry(
     want_errors = solve_kwargs.pop("compute_errors", True)  # only for the final solution
     for it in range(1, max_iter + 1):
         normals = sum(accumulate_photometric_normal_equations(pt) for pt in parts)
+        if allreduce is not None:  # MPI: this rank's parts are summed with every other rank's
+            normals = PartialNormals.from_arrays(allreduce(normals.to_arrays()), normals.layout)
         sol = solve_photometric(normals, ccdvisits, star_ref_mag, ref_err, compute_errors=False, **solve_kwargs)
         clipped = [clip_photometric_part(pt, sol, nsigma) for pt in parts]
         stats = sum((c[1] for c in clipped), ResidualStats())
+        if allreduce is not None:
+            stats = ResidualStats.from_array(allreduce(stats.to_array()))
         new_ref_err = ref_err
         if clip_references and star_ref_mag is not None and ref_err is not None:
             new_ref_err = clip_photometric_references(sol, star_ref_mag, star_ref_mag_err, nsigma)

@@ -42,9 +42,24 @@ class SingleFrameConfig(StageConfig):
         return v
 
 
+class RelcalConfig(StageConfig):
+    """Global relative calibration: repeated stars across visits, tied to the reference catalogue."""
+
+    mpi_ranks: int = Field(2, ge=1, le=1024, description="MPI ranks (capped by the site's mpi.max_ranks)")
+    snr_min: float = Field(10.0, gt=0, description="PSF-flux S/N cut for calibration stars")
+    isolation_arcsec: float = Field(2.0, ge=0, description="no other source of the same ccdvisit this close")
+    match_radius_arcsec: float = Field(0.4, gt=0, description="friends-of-friends / reference match radius")
+    phot_error_floor_mag: float = Field(0.002, ge=0, description="added in quadrature to each measurement")
+    astrometry_order: int = Field(1, ge=0, le=3, description="polynomial order of the per-ccdvisit correction")
+    astrometry_error_floor_mas: float = Field(1.0, ge=0)
+    nsigma: float = Field(4.0, gt=0, description="outlier clipping threshold")
+    max_iter: int = Field(10, ge=1, description="solve/clip iterations at most")
+
+
 #: Stage name -> parameter model.  The planner and the stage registry share these names.
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "single_frame": SingleFrameConfig,
+    "relcal": RelcalConfig,
 }
 
 
@@ -52,6 +67,7 @@ class StagesConfig(StageConfig):
     """The ``stages:`` block: one optional entry per stage; present means enabled."""
 
     single_frame: SingleFrameConfig | None = None
+    relcal: RelcalConfig | None = None
 
     def enabled(self) -> dict[str, StageConfig]:
         return {name: getattr(self, name) for name in STAGE_CONFIGS if getattr(self, name) is not None}

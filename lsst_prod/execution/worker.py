@@ -131,7 +131,7 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
 
     stage_cls = STAGES[payload["stage"]]
     if stage_cls.resources.mpi_ranks > 0 and comm is None:
-        return _execute_mpi(payload, stage_cls.resources.mpi_ranks)
+        return _execute_mpi(payload, int(payload["config"].get("mpi_ranks") or stage_cls.resources.mpi_ranks))
     from ..config.stages import STAGE_CONFIGS
     from ..repo import DataId, DatasetRef, Repository
     from ..stages.base import QuantumContext

@@ -36,6 +36,8 @@ BOUNDS = {
     "photometry_zp_error_mmag": ("<=", 10.0),
     "completeness_snr10_isolated_stars": (">=", 0.98),
     "flux_pull_std": ("in", (0.9, 1.1)),
+    "relcal_zp_rms_mmag": ("<=", 5.0),
+    "relcal_astrometry_rms_mas": ("<=", 10.0),
 }
 
 MATCH_RADIUS_PIX = 2.0
@@ -172,6 +174,11 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
         "flux_pull_n_stars": int(np.isfinite(pull).sum()),
         "per_ccdvisit": per_ccd,
     }
-    metrics["checks"] = {name: _check(name, metrics[name]) for name in BOUNDS}
+    from .relcal import relcal_metrics
+
+    rel = relcal_metrics(repo, run)
+    if rel is not None:
+        metrics.update(rel)
+    metrics["checks"] = {name: _check(name, metrics[name]) for name in BOUNDS if name in metrics}
     metrics["all_pass"] = all(c["pass"] for c in metrics["checks"].values())
     return metrics

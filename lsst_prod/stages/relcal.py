@@ -1,0 +1,261 @@
+"""Global relative calibration (LSE-163 5.2 step 2) as one MPI quantum per instrument.
+
+Ranks own ccdvisits round-robin.  Each rank reads its Source tables and selects
+good stars; rank 0 gathers their (ccdvisit, ra, dec), matches them into stars
+observed many times and to the reference catalogue, and broadcasts the global
+star and (ccdvisit, star) index spaces.  Each rank then accumulates its part of
+the normal equations; an Allreduce sums them and every rank solves the same
+system (kernels in lsst_prod.algorithms.relcal*), clipping outliers until
+nothing changes: photometry per band (zero point per ccdvisit, tied to the
+reference catalogue's aperture-corrected-PSF-flux scale), astrometry over all
+bands (a polynomial per ccdvisit on top of its single-frame WCS, stars with
+proper motions, reference stars propagated to each epoch).
+
+Outputs: ``relcal_solution`` (one row per ccdvisit: zero points, their errors,
+astrometric coefficients) and ``source_calibrated`` per visit x detector (the
+Source table with relatively calibrated fluxes and positions), each rank
+writing the tables of its own ccdvisits.  Without MPI (1 rank) the same code
+runs with a serial communicator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ..algorithms.relcal import (
+    AstrometricCorrection,
+    CcdVisits,
+    PairIndex,
+    apply_astrometric_correction,
+    fit_astrometry,
+    fit_photometry,
+    make_astrometric_part,
+    make_astrometric_stars,
+    make_photometric_part,
+    match_sources,
+    reference_magnitudes,
+    select_good_sources,
+)
+from ..config.stages import RelcalConfig
+from ..errors import AlgorithmError
+from ..repo import DataId
+from ..repo.formats import read_parquet, table_from_columns, write_parquet
+from .base import QuantumContext, QuantumSpec, Resources, Stage
+
+FLUX_COLUMNS_PREFIXES = ("psfFlux", "calibFlux", "gaussianFlux", "ap", "sky")
+SOURCE_COLUMNS = ("x", "y", "ra", "dec", "raErr", "decErr", "psfFlux", "psfFluxErr", "extendedness",
+                  "pixelFlags_saturatedCenter", "deblend_nChild", "parentSourceId")
+
+
+class SerialComm:
+    """The few mpi4py calls the stage uses, for one process."""
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 1
+
+    def gather(self, obj, root=0):
+        return [obj]
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def allreduce(self, obj, op=None):
+        return obj
+
+
+def _allreduce_sum(comm):
+    if isinstance(comm, SerialComm):
+        return None  # the kernels' serial path
+
+    def reduce(buffer: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+
+        out = np.empty_like(buffer)
+        comm.Allreduce(np.ascontiguousarray(buffer), out, op=MPI.SUM)
+        return out
+
+    return reduce
+
+
+def _cols(path, columns=None) -> dict[str, np.ndarray]:
+    t = read_parquet(path, columns)
+    return {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.column_names}
+
+
+class RelcalStage(Stage):
+    name = "relcal"
+    dimensions = ("instrument",)
+    input_types = ("source", "ccdVisit", "refcat")
+    output_types = ("relcal_solution", "source_calibrated")
+    resources = Resources(cores=2, memory_gib=4.0, walltime_s=3600, mpi_ranks=2)
+    description = "global relative photometric and astrometric calibration (MPI)"
+
+    def plan(self, ctx, config: RelcalConfig) -> list[QuantumSpec]:
+        ccd_keys = sorted(k for k in ctx.produced if k[0] == "source")
+        if not ccd_keys:
+            return []
+        instrument = ctx.instrument
+        inputs = [("source", d) for _, d in ccd_keys] + [("ccdVisit", d) for _, d in ccd_keys] + [("refcat", DataId())]
+        outputs = [("relcal_solution", DataId(instrument=instrument))] + [("source_calibrated", d) for _, d in ccd_keys]
+        return [QuantumSpec(self.name, DataId(instrument=instrument), tuple(inputs), tuple(outputs))]
+
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: RelcalConfig = ctx.config  # type: ignore[assignment]
+        comm = ctx.comm if ctx.comm is not None else SerialComm()
+        rank, size = comm.Get_rank(), comm.Get_size()
+        allreduce = _allreduce_sum(comm)
+
+        # --- the global ccdvisit table (every rank reads the small ccdVisit rows)
+        ccd_rows = [_cols(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
+        order = np.argsort([int(c["ccdVisitId"][0]) for c in ccd_rows], kind="stable")
+        ccd_rows = [ccd_rows[i] for i in order]
+        cv_ids = np.array([int(c["ccdVisitId"][0]) for c in ccd_rows])
+        zp_sf = np.array([float(c["zeroPoint"][0]) for c in ccd_rows])
+        bands = np.array([str(c["band"][0]) for c in ccd_rows])
+        cv = CcdVisits(cv_ids, np.array([float(c["expMidptMJD"][0]) for c in ccd_rows]),
+                       np.array([float(c["ra"][0]) for c in ccd_rows]), np.array([float(c["dec"][0]) for c in ccd_rows]),
+                       np.array([int(c["xSize"][0]) for c in ccd_rows]), np.array([int(c["ySize"][0]) for c in ccd_rows]),
+                       10 ** (-0.4 * (zp_sf - 31.4)))
+        src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
+        keys = [(int(c["visitId"][0]), int(c["detector"][0])) for c in ccd_rows]
+        mine = [k for k in range(len(keys)) if k % size == rank]
+
+        # --- this rank's sources and its good stars
+        local = {name: [] for name in SOURCE_COLUMNS + ("k",)}
+        for k in mine:
+            s = _cols(ctx.repo.path_of(src_refs[keys[k]]), list(SOURCE_COLUMNS))
+            for name in SOURCE_COLUMNS:
+                local[name].append(s[name])
+            local["k"].append(np.full(len(s["x"]), k))
+        S = {n: (np.concatenate(v) if v else np.zeros(0)) for n, v in local.items()}
+        S["k"] = S["k"].astype(np.int64)
+        good = select_good_sources(S["k"], S["ra"], S["dec"], S["psfFlux"], S["psfFluxErr"], S["extendedness"],
+                                   S["pixelFlags_saturatedCenter"].astype(bool), S["deblend_nChild"],
+                                   S["parentSourceId"], snr_min=cfg.snr_min, isolation_arcsec=cfg.isolation_arcsec)
+        rows = np.flatnonzero(good)
+
+        # --- matching on rank 0 over everybody's good rows; global index spaces broadcast
+        gathered = comm.gather((S["k"][rows], S["ra"][rows], S["dec"][rows]), root=0)
+        ref = _cols(ctx.input_path("refcat"))
+        if rank == 0:
+            gk = np.concatenate([g[0] for g in gathered])
+            gra = np.concatenate([g[1] for g in gathered])
+            gdec = np.concatenate([g[2] for g in gathered])
+            match = match_sources(gk, gra, gdec, cv, ref["ra"], ref["dec"], ref["pmra"], ref["pmdec"],
+                                  ref["parallax"], ref["epoch_mjd"], radius_arcsec=cfg.match_radius_arcsec)
+            counts = np.cumsum([0] + [len(g[0]) for g in gathered])
+            per_rank = [match.star_index[counts[r]:counts[r + 1]] for r in range(size)]
+            shared = {"match": match, "all_k": gk, "all_star": match.star_index}
+        else:
+            per_rank, shared = None, None
+        star_of_rows = comm.bcast(per_rank, root=0)[rank]
+        shared = comm.bcast(shared, root=0)
+        match, all_k, all_star = shared["match"], shared["all_k"], shared["all_star"]
+        if match.n_stars == 0:
+            raise AlgorithmError("no star observed twice", n_good_sources=int(len(all_k)))
+        used = star_of_rows >= 0
+        R = rows[used]
+        sidx = star_of_rows[used]
+
+        # --- photometry, band by band (its own ccdvisit and star index spaces)
+        zp = zp_sf.copy()
+        zp_err = np.full(len(cv_ids), np.nan)
+        n_stars_phot = np.zeros(len(cv_ids), int)
+        phot_summary: dict[str, Any] = {}
+        is_var = np.asarray(ref.get("is_variable", np.zeros(len(ref["ra"]), bool)), bool)
+        for band in sorted(set(bands)):
+            kb = np.flatnonzero(bands == band)
+            kmap = np.full(len(cv_ids), -1)
+            kmap[kb] = np.arange(len(kb))
+            in_band = kmap[all_k] >= 0
+            stars_b = np.unique(all_star[in_band & (all_star >= 0)])
+            smap = np.full(match.n_stars, -1)
+            smap[stars_b] = np.arange(len(stars_b))
+            cv_b = CcdVisits(cv_ids[kb], cv.mjd[kb], cv.center_ra[kb], cv.center_dec[kb], cv.nx[kb], cv.ny[kb],
+                             cv.nJy_per_electron[kb])
+            sel_all = in_band & (all_star >= 0)
+            pairs = PairIndex.from_measurements(len(kb), len(stars_b), kmap[all_k[sel_all]], smap[all_star[sel_all]])
+            mine_b = kmap[S["k"][R]] >= 0
+            part = make_photometric_part(cv_b, pairs, kmap[S["k"][R][mine_b]], smap[sidx[mine_b]],
+                                         S["psfFlux"][R][mine_b], S["psfFluxErr"][R][mine_b],
+                                         error_floor_mag=cfg.phot_error_floor_mag)
+            ref_mag, ref_err = reference_magnitudes(match.star_ref_index[stars_b], ref[f"{band}_flux"],
+                                                    ref[f"{band}_fluxErr"], usable=~is_var)
+            sol = fit_photometry(part, cv_b, ref_mag, ref_err, nsigma=cfg.nsigma, max_iter=cfg.max_iter,
+                                 allreduce=allreduce)
+            zp[kb] = sol.zero_point
+            zp_err[kb] = sol.zero_point_err
+            n_stars_phot[kb] = sol.ccdvisit_n_stars
+            phot_summary[band] = sol.to_dict()
+
+        # --- astrometry over all bands
+        stars = make_astrometric_stars(match, float(np.mean(cv.mjd)), ref["ra"], ref["dec"], ref["ra_err"],
+                                       ref["dec_err"], ref["pmra"], ref["pmdec"], ref["pmra_err"], ref["pmdec_err"],
+                                       ref["parallax"], ref["epoch_mjd"])
+        pairs = PairIndex.from_measurements(len(cv_ids), match.n_stars, all_k[all_star >= 0], all_star[all_star >= 0])
+        apart = make_astrometric_part(cv, stars, pairs, S["k"][R], sidx, S["x"][R], S["y"][R], S["ra"][R],
+                                      S["dec"][R], S["raErr"][R], S["decErr"][R], order=cfg.astrometry_order,
+                                      error_floor_mas=cfg.astrometry_error_floor_mas)
+        asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce)
+
+        # --- outputs: each rank writes its ccdvisits' calibrated Source tables
+        refs = []
+        for k in mine:
+            corr = asol.correction(k)
+            src_ref = src_refs[keys[k]]
+            table = read_parquet(ctx.repo.path_of(src_ref))
+            cols = {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
+            scale = 10 ** (-0.4 * (zp[k] - zp_sf[k]))
+            for n in list(cols):
+                if n.startswith(FLUX_COLUMNS_PREFIXES) and ("Flux" in n or n in ("sky", "skyErr")) \
+                        and not n.endswith(("_flag", "instFlux", "instFluxErr", "apCorr", "apCorrErr", "_area")) \
+                        and cols[n].dtype.kind == "f":
+                    cols[n] = cols[n] * scale
+            ra, dec = apply_astrometric_correction(corr, cols["x"], cols["y"], cols["ra"], cols["dec"])
+            cols["ra"], cols["dec"], cols["coord_ra"], cols["coord_dec"] = ra, dec, ra, dec
+            units = {f.name: f.metadata[b"unit"].decode() for f in table.schema if f.metadata and b"unit" in f.metadata}
+            meta = {"release_id": ctx.release_id, "zero_point": float(zp[k]), "zero_point_single_frame": float(zp_sf[k]),
+                    "relcal": True}
+            out = table_from_columns(cols, units, meta)
+            did = src_ref.data_id
+            refs.append(ctx.put("source_calibrated", lambda p, out=out: write_parquet(p, out), did).to_dict())
+        all_refs = comm.gather(refs, root=0)
+
+        if rank == 0:
+            from ..repo import DatasetRef
+
+            ctx.outputs = [DatasetRef.from_dict(r) for group in all_refs for r in group]
+            corr_rows = [asol.correction(k) for k in range(len(cv_ids))]
+            sol_cols = {
+                "ccdVisitId": cv_ids, "visit": np.array([k[0] for k in keys]), "detector": np.array([k[1] for k in keys]),
+                "band": bands, "zeroPointSingleFrame": zp_sf, "zeroPoint": zp, "zeroPointErr": zp_err,
+                "zeroPointOffset": zp - zp_sf, "nStarsPhotometry": n_stars_phot,
+                "nStarsAstrometry": np.asarray(asol.ccdvisit_n_stars), "astromOrder": np.full(len(cv_ids), asol.order),
+                "astromCorrection": np.array([json.dumps(_corr_dict(c)) for c in corr_rows]),
+            }
+            table = table_from_columns(sol_cols, {"zeroPoint": "mag", "zeroPointSingleFrame": "mag",
+                                                  "zeroPointErr": "mag", "zeroPointOffset": "mag"},
+                                       {"release_id": ctx.release_id, "photometry": phot_summary,
+                                        "astrometry": asol.to_dict()})
+            ctx.put("relcal_solution", lambda p: write_parquet(p, table), DataId(instrument=ctx.data_id["instrument"]))
+            ctx.summary.update(
+                n_ccdvisits=int(len(cv_ids)), n_stars=int(match.n_stars),
+                n_reference_stars=int(match.n_reference_stars), mpi_ranks=size,
+                phot_rms_mmag=float(np.median([v["rms_mmag"] for v in phot_summary.values()])),
+                phot_chi2_dof=float(np.median([v["chi2"] / max(v["dof"], 1) for v in phot_summary.values()])),
+                astrom_rms_mas=float(asol.rms_mas), astrom_chi2_dof=float(asol.chi2 / max(asol.dof, 1)),
+                zp_offset_rms_mmag=float(1000 * np.std(zp - zp_sf)),
+            )
+
+
+def _corr_dict(c: AstrometricCorrection) -> dict[str, Any]:
+    return {"ccdvisit_id": int(c.ccdvisit_id), "order": int(c.order), "center_ra": float(c.center_ra),
+            "center_dec": float(c.center_dec), "x0": float(c.x0), "y0": float(c.y0), "scale": float(c.scale),
+            "xi_coeffs": [float(v) for v in np.ravel(c.xi_coeffs)],
+            "eta_coeffs": [float(v) for v in np.ravel(c.eta_coeffs)]}

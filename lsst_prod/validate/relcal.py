@@ -1,0 +1,88 @@
+"""Relative-calibration metrics against truth (added to ``lsst-prod validate`` when a run has relcal).
+
+* ``relcal_zp_rms_mmag`` (<= 5): rms over ccdvisits of (recovered - injected zero point) after
+  removing the common offset (the absolute level is the reference catalogue's business).  The
+  recovered zero point is the effective one of the calibrated catalogue: per ccdvisit, the
+  median over bright isolated stars (PSF S/N > 100) of 2.5 log10(calibrated psfFlux / true
+  flux); it includes the aperture correction, which a bare ``zeroPoint`` column would not
+  (``relcal_zp_rms_mmag_header`` compares that column with truth, for information).
+* ``relcal_astrometry_rms_mas`` (<= 10): rms of the angular distance between the relcal-corrected
+  positions (``source_calibrated``) of bright isolated unsaturated stars (PSF S/N > 300) and
+  their true positions at each epoch.
+The same quantities for the single-frame calibration (``*_single_frame``) are reported beside
+them, on the same ccdvisits and stars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from ..repo import Repository
+from ..repo.formats import read_parquet
+
+BRIGHT_SNR = 300.0
+PHOT_SNR = 100.0
+
+
+def _cols(path) -> dict[str, np.ndarray]:
+    t = read_parquet(path)
+    return {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.column_names}
+
+
+def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
+    sols = repo.query("relcal_solution", [run])
+    if not sols:
+        return None
+    truth = _cols(repo.get_path("truth_ccdvisits", {}, ["truth"]))
+    tkey = {(int(v), int(d)): i for i, (v, d) in enumerate(zip(truth["visit"], truth["detector"]))}
+    zp_rel, zp_sf, zp_true = [], [], []
+    for ref in sols:
+        s = _cols(repo.path_of(ref))
+        for v, d, zr, zs in zip(s["visit"], s["detector"], s["zeroPoint"], s["zeroPointSingleFrame"]):
+            zp_rel.append(zr)
+            zp_sf.append(zs)
+            zp_true.append(truth["zero_point"][tkey[(int(v), int(d))]])
+    zp_rel, zp_sf, zp_true = map(np.asarray, (zp_rel, zp_sf, zp_true))
+    eff_rel, eff_sf = [], []
+
+    def rms_mmag(d: np.ndarray) -> float:
+        return float(1000 * np.std(d - np.mean(d)))
+
+    sep_rel, sep_sf = [], []
+    for cref in repo.query("source_calibrated", [run]):
+        did = cref.data_id
+        cal = _cols(repo.path_of(cref))
+        sf = _cols(repo.path_of(repo.find("source", did, [run])))
+        t = _cols(repo.get_path("truth_sources", did, ["truth"]))
+        leaf = cal["deblend_nChild"] == 0
+        d, j = cKDTree(np.column_stack([cal["x"][leaf], cal["y"][leaf]])).query(
+            np.column_stack([t["x"], t["y"]]), distance_upper_bound=2.0)
+        ok = np.isfinite(d) & (t["kind"] == "star") & ~t["is_saturated"].astype(bool) & (
+            (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01))
+        jj = np.flatnonzero(leaf)[j[ok]]
+        snr = cal["psfFlux"][jj] / cal["psfFluxErr"][jj]
+        phot = snr > PHOT_SNR
+        if phot.sum() >= 5:
+            eff_rel.append(float(np.median(2.5 * np.log10(cal["psfFlux"][jj][phot] / t["flux_nJy"][ok][phot]))))
+            eff_sf.append(float(np.median(2.5 * np.log10(sf["psfFlux"][jj][phot] / t["flux_nJy"][ok][phot]))))
+        bright = snr > BRIGHT_SNR
+        for store, table in ((sep_rel, cal), (sep_sf, sf)):
+            dra = (table["ra"][jj][bright] - t["ra"][ok][bright]) * np.cos(np.radians(t["dec"][ok][bright]))
+            ddec = table["dec"][jj][bright] - t["dec"][ok][bright]
+            store.append(np.hypot(dra, ddec) * 3.6e6)
+    sep_rel = np.concatenate(sep_rel) if sep_rel else np.array([np.nan])
+    sep_sf = np.concatenate(sep_sf) if sep_sf else np.array([np.nan])
+    return {
+        "relcal_zp_rms_mmag": rms_mmag(np.asarray(eff_rel)),
+        "relcal_zp_rms_mmag_single_frame": rms_mmag(np.asarray(eff_sf)),
+        "relcal_zp_rms_mmag_header": rms_mmag(zp_rel - zp_true),
+        "relcal_zp_rms_mmag_header_single_frame": rms_mmag(zp_sf - zp_true),
+        "relcal_zp_injected_rms_mmag": rms_mmag(zp_true),
+        "relcal_zp_n_ccdvisits": int(len(zp_rel)),
+        "relcal_astrometry_rms_mas": float(np.sqrt(np.nanmean(sep_rel**2))),
+        "relcal_astrometry_rms_mas_single_frame": float(np.sqrt(np.nanmean(sep_sf**2))),
+        "relcal_astrometry_n_measurements": int(np.isfinite(sep_rel).sum()),
+    }
