@@ -5,6 +5,8 @@ Every field has a unit in its name or description; unknown keys are errors.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -56,10 +58,46 @@ class RelcalConfig(StageConfig):
     max_iter: int = Field(10, ge=1, description="solve/clip iterations at most")
 
 
+class WarpConfig(StageConfig):
+    """Resample calexps onto the sky map's patches."""
+
+    kernel: Literal["lanczos3", "lanczos2", "bilinear"] = "lanczos3"
+    grid_step: int = Field(32, ge=4, description="pixels between exact WCS evaluations (mapping interpolated)")
+
+
+class CoaddConfig(StageConfig):
+    """Stack warps per patch and band."""
+
+    kinds: list[Literal["deep", "best_seeing"]] = Field(default_factory=lambda: ["deep"],
+                                                        description="coadd kinds to build (LSE-163 5.4.3)")
+    best_seeing_quantile: float = Field(0.25, gt=0, le=1, description="fraction of best-seeing visits kept")
+    clip_nsigma: float = Field(5.0, gt=0, description="PSF-matched outlier rejection threshold")
+    min_coverage: float = Field(0.05, ge=0, le=1, description="a patch less covered than this by every visit "
+                                                               "is NoWorkFound")
+    psf_stamp_pixels: int = Field(25, ge=11)
+    psf_spatial_order: int = Field(1, ge=0, le=3)
+    psf_min_stars: int = Field(8, ge=3)
+
+
+class ObjectsConfig(StageConfig):
+    """Coadd detection, merge, deblend and measurement."""
+
+    detection_threshold_sigma: float = Field(5.0, gt=0)
+    apcorr_reference_radius_pixels: float = Field(25.0, gt=0)
+
+
+class ForcedConfig(StageConfig):
+    """Forced PSF photometry on calexps at object positions."""
+
+
 #: Stage name -> parameter model.  The planner and the stage registry share these names.
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "single_frame": SingleFrameConfig,
     "relcal": RelcalConfig,
+    "warp": WarpConfig,
+    "coadd": CoaddConfig,
+    "objects": ObjectsConfig,
+    "forced": ForcedConfig,
 }
 
 
@@ -68,6 +106,10 @@ class StagesConfig(StageConfig):
 
     single_frame: SingleFrameConfig | None = None
     relcal: RelcalConfig | None = None
+    warp: WarpConfig | None = None
+    coadd: CoaddConfig | None = None
+    objects: ObjectsConfig | None = None
+    forced: ForcedConfig | None = None
 
     def enabled(self) -> dict[str, StageConfig]:
         return {name: getattr(self, name) for name in STAGE_CONFIGS if getattr(self, name) is not None}

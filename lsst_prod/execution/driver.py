@@ -111,6 +111,8 @@ class Driver:
         self.run = run
         self.writer = ProvenanceWriter(repo, run)
         self.progress = progress  # object with start(counts_by_stage), advance(stage, status), stop()
+        self._producer = {key: q.id for q in graph for key in q.spec.outputs}
+        self._nowork = _nowork_quanta(repo, run)
         self.stage_configs = {name: cfg.model_dump(mode="json")
                               for name, cfg in campaign.config.stages.enabled().items()}
 
@@ -124,6 +126,8 @@ class Driver:
                 continue
             ref = self.repo.find(dtype, did, [self.run])
             if ref is None:
+                if self._producer.get((dtype, did)) in self._nowork:
+                    continue  # its producer found nothing to do (e.g. a detector that misses a patch)
                 return f"input {dtype} {did} was not produced (its producer wrote nothing)"
             inputs.append(ref.to_dict())
         return {
@@ -142,6 +146,8 @@ class Driver:
             "memory_limit_gib": None if mc.memory_gib >= 1e5 else mc.memory_gib,
             "mpi": {**self.campaign.site.mpi.model_dump(), "workdir": str(plan_dir(self.repo, self.run).parent / "_mpi")},
             "inject": _injection_for(self.campaign, q.stage, q.data_id),
+            "extra": {"skymap": self.campaign.config.skymap.model_dump(mode="json"),
+                      "bands": list(self.campaign.config.bands)},
         }
 
     def execute(self, to_run: set[str] | None = None) -> RunResult:
@@ -176,6 +182,8 @@ class Driver:
 
         def finish(qid: str, status: str, reason: str | None = None) -> None:
             result.counts[status] += 1
+            if status == "nowork":
+                self._nowork.add(qid)
             if self.progress:
                 self.progress.advance(self.graph[qid].stage, status)
             if status in ("succeeded", "nowork"):
@@ -263,6 +271,16 @@ class Driver:
         if self.progress:
             self.progress.stop()
         return result
+
+
+def _nowork_quanta(repo: Repository, run: str) -> set[str]:
+    import sqlalchemy as sa
+
+    from ..provenance.db import quanta
+
+    with repo.engine.connect() as c:
+        return {r.quantum_id for r in c.execute(sa.select(quanta.c.quantum_id)
+                                                 .where((quanta.c.run == run) & (quanta.c.status == "nowork")))}
 
 
 def _prior_attempts(repo: Repository, run: str) -> dict[str, tuple[int, str | None, str | None]]:

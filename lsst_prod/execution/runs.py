@@ -39,7 +39,8 @@ def submit(repo: Repository, campaign: Campaign, run: str | None = None, progres
     write_bytes_atomic(pdir / "campaign.yaml", campaign.path.read_bytes())
     write_bytes_atomic(pdir / "site.yaml", campaign.site_path.read_bytes())
     info = {"campaign": str(campaign.path), "release": campaign.config.release,
-            "release_id": campaign.config.release_id, "site": str(campaign.site_path)}
+            "release_id": campaign.config.release_id, "site": str(campaign.site_path),
+            "skymap": campaign.config.skymap.model_dump(mode="json"), "bands": list(campaign.config.bands)}
     with DriverLock(pdir / "driver.lock"):
         driver = Driver(repo, campaign, graph, run, progress)
         driver.writer.plan(graph, info)

@@ -179,6 +179,7 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
         attempt=payload["attempt"],
         log=log,
         comm=comm,
+        extra=payload.get("extra") or {},
     )
     limit = payload.get("memory_limit_gib") if payload.get("executor") != "threads" else None
     try:

@@ -45,6 +45,7 @@ _TYPES = [
     # coadds and objects
     DatasetType("warp", ("instrument", "visit", "skymap", "tract", "patch"), "fits", "visit resampled to a patch"),
     DatasetType("coadd", ("skymap", "tract", "patch", "band"), "fits", "deep coadd"),
+    DatasetType("coadd_bestSeeing", ("skymap", "tract", "patch", "band"), "fits", "best-seeing coadd"),
     DatasetType("coaddDetections", ("skymap", "tract", "patch", "band"), "parquet", "coadd peaks per band"),
     DatasetType("mergedDetections", ("skymap", "tract", "patch"), "parquet", "peaks merged across bands"),
     DatasetType("deblendedCatalog", ("skymap", "tract", "patch"), "parquet", "deblended children"),

@@ -15,6 +15,10 @@ from .base import Stage
 _STAGE_PATHS: dict[str, str] = {
     "single_frame": "lsst_prod.stages.single_frame:SingleFrameStage",
     "relcal": "lsst_prod.stages.relcal:RelcalStage",
+    "warp": "lsst_prod.stages.coadd:WarpStage",
+    "coadd": "lsst_prod.stages.coadd:CoaddStage",
+    "objects": "lsst_prod.stages.objects:ObjectsStage",
+    "forced": "lsst_prod.stages.objects:ForcedStage",
 }
 
 

@@ -60,6 +60,7 @@ class QuantumContext:
     attempt: int = 1
     log: logging.LoggerAdapter | None = None
     comm: Any = None  # mpi4py communicator for MPI stages (rank 0 writes outputs)
+    extra: dict[str, Any] = field(default_factory=dict)  # campaign context: sky map config, bands
     outputs: list[DatasetRef] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 

@@ -25,14 +25,12 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from ..algorithms import masks
-from ..algorithms.apcorr import fit_aperture_correction
 from ..algorithms.astrometry import fit_wcs, propagate_positions
 from ..algorithms.background import estimate_background
 from ..algorithms.cosmicray import find_cosmic_rays, repair_cosmic_rays
 from ..algorithms.detect import detect_sources
 from ..algorithms.isr import run_isr
 from ..algorithms.measure import measure_sources
-from ..algorithms.neighbours import aperture_flux_without_neighbours
 from ..algorithms.photocal import fit_zero_point
 from ..algorithms.psf import fit_psf, select_psf_candidates
 from ..camera import Camera
@@ -41,6 +39,7 @@ from ..errors import AlgorithmError
 from ..ids import SourceIdFactory, ccd_visit_id
 from ..repo.formats import Exposure, read_image, read_parquet, table_from_columns, write_exposure, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
+from .common import fit_apcorr_clean, wcs_from_header
 from .source_schema import SOURCE_UNITS, build_source_columns
 
 NJY_AB_ZERO = 31.4  # AB mag of 1 nJy
@@ -140,27 +139,11 @@ class SingleFrameStage(Stage):
         # Candidates are the stars given to the PSF fit (which clips n_rejected of them as outliers).
         psf_cand = _nearest_flags(cols["x"], cols["y"], cand.x, cand.y, 1.5)
         psf_used = psf_cand
-        leaf = cols["deblend_nChild"] == 0
-        good_ap = psf_cand & (cols["parent_index"] < 0) & leaf & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
-        idx_ap = np.flatnonzero(good_ap)
-        ref_flux, ref_err, ref_flag = aperture_flux_without_neighbours(
-            image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx_ap,
-            cfg.apcorr_reference_radius_pixels)
-        # Unresolved light (faint stars, galaxy wings) under the large aperture is removed with the
-        # local annulus background, as for any aperture flux in a crowded field.
-        area = math.pi * cfg.apcorr_reference_radius_pixels**2
-        ref_flux = ref_flux - cols["sky"][idx_ap] * area
-        n_annulus = math.pi * (70.0**2 - 50.0**2)  # measure_sources' default sky annulus, pixels
-        ref_err = np.hypot(ref_err, cols["skyErr"][idx_ap] * area / math.sqrt(n_annulus))
-        ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx_ap]
-        apcorr = fit_aperture_correction(cols["x"][idx_ap][ok], cols["y"][idx_ap][ok], cols["psfFlux"][idx_ap][ok],
-                                         cols["psfFluxErr"][idx_ap][ok], ref_flux[ok], ref_err[ok],
-                                         np.ones(int(ok.sum()), bool), image.shape,
-                                         ref_radius=cfg.apcorr_reference_radius_pixels)
+        apcorr = fit_apcorr_clean(image, variance, psf, cols, psf_cand, cfg.apcorr_reference_radius_pixels)
         ac = apcorr(cols["x"], cols["y"])
 
         # 6. astrometry
-        wcs0 = WCS({k: v for k, v in hdr.items() if k[:2] in ("CT", "CR", "CD", "CU", "RA", "EQ", "WC")})
+        wcs0 = wcs_from_header(hdr)
         mjd_mid = float(hdr["MJD-OBS"]) + float(hdr["EXPTIME"]) / 2.0 / 86400.0
         refcat = _read_refcat(ctx.input_path("refcat"))
         ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=cfg.astrometry_search_radius_arcsec / pixel_scale + 50)
@@ -219,7 +202,7 @@ class SingleFrameStage(Stage):
             "FILTER": hdr["FILTER"], "EXPTIME": float(hdr["EXPTIME"]), "MJD-OBS": float(hdr["MJD-OBS"]),
             "MJD-MID": mjd_mid, "DATE-OBS": hdr.get("DATE-OBS"), "AIRMASS": hdr.get("AIRMASS"),
             "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "BUNIT": "electron",
-            "PSFFWHM": fwhm_pix * pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
+            "PSFFWHM": fwhm_pix * pixel_scale, "PIXSCALE": pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
             "ASTRRMS": astrom.rms_arcsec, "ASTRNMAT": int(astrom.n_matched), "SKYBG": float(background.global_level),
             "SKYNOISE": sky_noise, "NCRPIX": n_cr, "RELEASE": ctx.release_id,
         }

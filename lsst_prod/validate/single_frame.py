@@ -38,6 +38,10 @@ BOUNDS = {
     "flux_pull_std": ("in", (0.9, 1.1)),
     "relcal_zp_rms_mmag": ("<=", 5.0),
     "relcal_astrometry_rms_mas": ("<=", 10.0),
+    "coadd_flux_ratio_stars": ("in", (0.995, 1.005)),
+    "deblend_flux_error_median": ("<=", 0.05),
+    "forced_variable_recovered_fraction": (">=", 0.9),
+    "forced_constant_chi2_dof_median": ("in", (0.8, 1.3)),
 }
 
 MATCH_RADIUS_PIX = 2.0
@@ -179,6 +183,11 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
     rel = relcal_metrics(repo, run)
     if rel is not None:
         metrics.update(rel)
+    from .objects import object_metrics
+
+    objm = object_metrics(repo, run)
+    if objm is not None:
+        metrics.update(objm)
     metrics["checks"] = {name: _check(name, metrics[name]) for name in BOUNDS if name in metrics}
     metrics["all_pass"] = all(c["pass"] for c in metrics["checks"].values())
     return metrics

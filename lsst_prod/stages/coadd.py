@@ -1,0 +1,202 @@
+"""Warps (visit x patch) and coadds (patch x band); LSE-163 5.2 step 3.
+
+``warp``: every calexp of a visit that overlaps a patch is resampled onto the
+patch's outer box of the tract grid (Lanczos-3 through a coarse-grid mapping,
+kernels in algorithms/resample.py), scaled to nJy with the visit's calibration
+(relative calibration when the campaign runs it), detectors side by side.
+
+``coadd``: the warps of a band are stacked (inverse-variance weights per warp,
+PSF-matched outlier rejection: algorithms/stack.py); the coadd's PSF model is
+fitted on the coadd's own stars, like a single frame's.  Kinds (section 5.4.3):
+``deep`` (all visits), ``best_seeing`` (best quartile of seeing), ``period``
+(one per calendar year); each kind is its own dataset type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+from astropy.wcs import WCS
+
+from ..algorithms import masks
+from ..algorithms.detect import detect_sources
+from ..algorithms.psf import PsfModel, fit_psf, select_psf_candidates
+from ..algorithms.resample import warp_exposure
+from ..algorithms.stack import WarpInput, select_best_seeing, stack_warps
+from ..camera import Camera, nominal_wcs_header
+from ..config.stages import CoaddConfig, WarpConfig
+from ..errors import AlgorithmError, NoWorkFound
+from ..repo import DataId
+from ..repo.formats import Exposure, read_exposure, read_parquet, write_exposure
+from .base import QuantumContext, QuantumSpec, Resources, Stage
+from .common import box_wcs_header, wcs_from_header
+
+COADD_TYPES = {"deep": "coadd", "best_seeing": "coadd_bestSeeing"}
+POINTING_MARGIN_PIX = 200  # nominal detector footprints are grown by this much when planning
+
+
+def detector_patches(ctx, visit: dict, detector_id: int) -> list[tuple[int, int]]:
+    """(tract, patch) pairs a detector of a visit may overlap (nominal pointing, grown by a margin)."""
+    camera: Camera = ctx.camera
+    det = camera.detector(detector_id)
+    w = WCS(nominal_wcs_header(camera, det, visit["ra"], visit["dec"], visit["rotation"]))
+    m = POINTING_MARGIN_PIX
+    xs = np.array([-m, det.nx - 1 + m, det.nx - 1 + m, -m], float)
+    ys = np.array([-m, -m, det.ny - 1 + m, det.ny - 1 + m], float)
+    ra, dec = w.wcs_pix2world(xs, ys, 0)
+    pairs = ctx.skymap.overlapping(ra, dec)
+    tracts = ctx.campaign.config.tracts
+    return [p for p in pairs if tracts == "auto" or p[0] in tracts]
+
+
+class WarpStage(Stage):
+    name = "warp"
+    dimensions = ("instrument", "visit", "skymap", "tract", "patch")
+    input_types = ("calexp", "relcal_solution")
+    output_types = ("warp",)
+    resources = Resources(cores=1, memory_gib=2.0)
+    description = "resample the calexps of a visit onto a patch (nJy)"
+
+    def plan(self, ctx, config: WarpConfig) -> list[QuantumSpec]:
+        instrument, skymap = ctx.instrument, ctx.skymap.name
+        relcal = ("relcal_solution", DataId(instrument=instrument))
+        use_relcal = relcal in ctx.produced
+        specs = []
+        for v in ctx.visits:
+            by_patch: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for det in ctx.detectors:
+                cal = ("calexp", DataId(instrument=instrument, visit=v["visit"], detector=det))
+                if cal not in ctx.produced:
+                    continue
+                for tp in detector_patches(ctx, v, det):
+                    by_patch[tp].append(det)
+            for (tract, patch), dets in sorted(by_patch.items()):
+                did = DataId(instrument=instrument, visit=v["visit"], skymap=skymap, tract=tract, patch=patch)
+                inputs = [("calexp", DataId(instrument=instrument, visit=v["visit"], detector=d)) for d in dets]
+                if use_relcal:
+                    inputs.append(relcal)
+                specs.append(QuantumSpec(self.name, did, tuple(inputs), (("warp", did),)))
+        return specs
+
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: WarpConfig = ctx.config  # type: ignore[assignment]
+        from ..skymap import SkyMap
+        from ..config.skymap import SkyMapConfig
+
+        skymap = SkyMap(SkyMapConfig.model_validate(ctx.extra["skymap"]))
+        tract, patch = int(ctx.data_id["tract"]), int(ctx.data_id["patch"])
+        t = skymap.tract_info(tract)
+        p = skymap.patch_info(tract, patch)
+        dst_wcs = t.wcs()
+        zps = {}
+        relcal = [r for (tname, _), r in ctx.inputs.items() if tname == "relcal_solution"]
+        if relcal:
+            sol = read_parquet(ctx.repo.path_of(relcal[0]))
+            zps = {(int(v), int(d)): float(z) for v, d, z in zip(sol.column("visit").to_numpy(),
+                                                                    sol.column("detector").to_numpy(),
+                                                                    sol.column("zeroPoint").to_numpy())}
+        ny, nx = p.outer_shape
+        image = np.zeros((ny, nx), np.float32)
+        variance = np.zeros((ny, nx), np.float32)
+        mask = np.full((ny, nx), masks.NO_DATA, np.uint32)
+        meta: dict = {}
+        fwhms, n_used = [], 0
+        psf_header = None
+        for ref in ctx.inputs_of("calexp"):
+            exp = read_exposure(ctx.repo.path_of(ref))
+            det = int(ref.data_id["detector"])
+            zp = zps.get((int(ctx.data_id["visit"]), det), float(exp.metadata["MAGZERO"]))
+            njy_per_e = 10 ** (-0.4 * (zp - 31.4))
+            try:
+                w = warp_exposure(exp.image, exp.variance, exp.mask, wcs_from_header(exp.wcs_header), dst_wcs,
+                                  p.outer, kernel=cfg.kernel, grid_step=cfg.grid_step, flux_scale=njy_per_e)
+            except NoWorkFound:
+                continue
+            take = w.footprint & ((mask & masks.NO_DATA) != 0)
+            image[take] = w.image[take]
+            variance[take] = w.variance[take]
+            mask[take] = w.mask[take]
+            n_used += 1
+            fwhms.append(float(exp.metadata["PSFFWHM"]) / float(exp.metadata.get("PIXSCALE", 0.2)))
+            meta = {k: exp.metadata[k] for k in ("BAND", "FILTER", "MJD-MID", "EXPTIME", "AIRMASS") if k in exp.metadata}
+            if psf_header is None and exp.psf is not None:
+                psf_header = exp.psf
+        if n_used == 0:
+            raise NoWorkFound(f"no calexp of visit {ctx.data_id['visit']} overlaps tract {tract} patch {patch}")
+        meta.update({"VISIT": int(ctx.data_id["visit"]), "TRACT": tract, "PATCH": patch, "NDETECT": n_used,
+                     "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(relcal)})
+        out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer))
+        ctx.put("warp", lambda path: write_exposure(path, out))
+        ctx.summary.update(n_detectors=n_used, valid_fraction=float(((mask & masks.NO_DATA) == 0).mean()))
+
+
+class CoaddStage(Stage):
+    name = "coadd"
+    dimensions = ("skymap", "tract", "patch", "band")
+    input_types = ("warp",)
+    output_types = ("coadd", "coadd_bestSeeing")
+    resources = Resources(cores=1, memory_gib=4.0)
+    description = "stack warps with PSF-matched outlier rejection; coadd PSF model"
+
+    def plan(self, ctx, config: CoaddConfig) -> list[QuantumSpec]:
+        band_of = {v["visit"]: v["band"] for v in ctx.visits}
+        groups: dict[tuple, list] = defaultdict(list)
+        for dtype, did in ctx.produced:
+            if dtype == "warp":
+                groups[(did["skymap"], did["tract"], did["patch"], band_of[did["visit"]])].append(did)
+        specs = []
+        for (skymap, tract, patch, band), warps in sorted(groups.items()):
+            did = DataId(skymap=skymap, tract=tract, patch=patch, band=band)
+            outputs = tuple((COADD_TYPES[k], did) for k in config.kinds)
+            specs.append(QuantumSpec(self.name, did, tuple(("warp", w) for w in sorted(warps)), outputs))
+        return specs
+
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: CoaddConfig = ctx.config  # type: ignore[assignment]
+        warps = [read_exposure(ctx.repo.path_of(r)) for r in ctx.inputs_of("warp")]
+        coverage = max((float(((w.mask & masks.NO_DATA) == 0).mean()) for w in warps), default=0.0)
+        if coverage < cfg.min_coverage:
+            raise NoWorkFound(f"patch {ctx.data_id} is covered at most {coverage:.1%} by any visit "
+                              f"(min_coverage {cfg.min_coverage:.0%})")
+        fwhm = np.array([float(w.metadata["PSFFWHMP"]) for w in warps])
+        selections = {"deep": np.arange(len(warps))}
+        if "best_seeing" in cfg.kinds:
+            selections["best_seeing"] = select_best_seeing(fwhm, cfg.best_seeing_quantile)
+        wcs_header = warps[0].wcs_header
+        for kind in cfg.kinds:
+            chosen = [warps[i] for i in selections[kind]]
+            if len(chosen) == 0:
+                continue
+            inputs = [WarpInput(w.image, w.variance, w.mask, float(w.metadata["PSFFWHMP"])) for w in chosen]
+            co = stack_warps(inputs, clip_nsigma=cfg.clip_nsigma if len(inputs) >= 3 else None)
+            image = np.nan_to_num(co.image.astype(np.float32))
+            variance = np.where(np.isfinite(co.variance), co.variance, 0).astype(np.float32)
+            cmask = co.mask.astype(np.uint32)
+            psf = _coadd_psf(image, variance, cmask, cfg)
+            meta = {"TRACT": int(ctx.data_id["tract"]), "PATCH": int(ctx.data_id["patch"]),
+                    "BAND": ctx.data_id["band"], "KIND": kind, "NINPUTS": len(chosen), "BUNIT": "nJy",
+                    "VISITS": json.dumps(sorted(int(w.metadata["VISIT"]) for w in chosen)),
+                    "MJDMIN": min(float(w.metadata.get("MJD-MID", 0)) for w in chosen),
+                    "MJDMAX": max(float(w.metadata.get("MJD-MID", 0)) for w in chosen),
+                    "PSFFWHMP": float(psf.fwhm_at(*(np.array(image.shape[::-1]) / 2))),
+                    "CLIPFRAC": float(np.mean(co.clipped_fraction)) if np.size(co.clipped_fraction) else 0.0}
+            exp = Exposure(image, cmask, variance, meta, wcs_header, psf.to_fits())
+            ctx.put(COADD_TYPES[kind], lambda path, exp=exp: write_exposure(path, exp))
+            if kind == "deep":
+                ctx.summary.update(n_inputs=len(chosen), psf_fwhm_pix=meta["PSFFWHMP"],
+                                   clipped_fraction=meta["CLIPFRAC"], n_psf_stars=int(psf.n_stars))
+
+
+def _coadd_psf(image, variance, mask, cfg: CoaddConfig) -> PsfModel:
+    """The coadd's PSF, fitted (PSFEx-like) on its own bright isolated stars."""
+    sigma0 = 1.0 / 0.2 / 2.3548
+    work_mask = mask.copy()
+    fp = detect_sources(image, variance, work_mask, sigma0, threshold=20.0)
+    cand = select_psf_candidates(image, variance, work_mask, fp)
+    try:
+        return fit_psf(image, variance, work_mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
+                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+    except AlgorithmError as exc:
+        raise AlgorithmError(f"coadd PSF: {exc}", **getattr(exc, "metadata", {})) from None

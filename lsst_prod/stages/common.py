@@ -1,0 +1,47 @@
+"""Pieces several stage wrappers share (no numerics of their own: they call kernels)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from astropy.wcs import WCS
+
+from ..algorithms.apcorr import ApertureCorrection, fit_aperture_correction
+from ..algorithms.neighbours import aperture_flux_without_neighbours
+
+SKY_ANNULUS_PIX = (50.0, 70.0)  # measure_sources' default local-background annulus
+
+
+def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[str, np.ndarray],
+                     stars: np.ndarray, radius: float) -> ApertureCorrection:
+    """Aperture correction (reference aperture / PSF flux) from the rows ``stars`` (bright isolated
+    stars), their reference apertures measured with every other source's PSF model subtracted and
+    the local annulus background removed (crowded fields; see algorithms/neighbours.py)."""
+    leaf = cols["deblend_nChild"] == 0
+    idx = np.flatnonzero(stars & leaf & (cols["parent_index"] < 0) & np.isfinite(cols["psfFlux"])
+                         & (cols["psfFlux"] > 0))
+    ref_flux, ref_err, ref_flag = aperture_flux_without_neighbours(
+        image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx, radius)
+    area = math.pi * radius**2
+    ref_flux = ref_flux - cols["sky"][idx] * area
+    n_annulus = math.pi * (SKY_ANNULUS_PIX[1] ** 2 - SKY_ANNULUS_PIX[0] ** 2)
+    ref_err = np.hypot(ref_err, cols["skyErr"][idx] * area / math.sqrt(n_annulus))
+    ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx]
+    return fit_aperture_correction(cols["x"][idx][ok], cols["y"][idx][ok], cols["psfFlux"][idx][ok],
+                                   cols["psfFluxErr"][idx][ok], ref_flux[ok], ref_err[ok],
+                                   np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)
+
+
+def wcs_from_header(header: dict) -> WCS:
+    """An astropy WCS from the FITS cards of an image HDU (TAN or TAN-SIP)."""
+    keys = {k: v for k, v in header.items()
+            if k[:2] in ("CT", "CR", "CD", "CU", "RA", "EQ", "WC", "A_", "B_", "AP", "BP", "LO", "LA", "PC")}
+    return WCS(keys)
+
+
+def box_wcs_header(wcs: WCS, box: tuple[int, int, int, int]) -> dict:
+    """FITS cards of ``wcs`` for an image that starts at pixel (box[0], box[1])."""
+    w = wcs.deepcopy()
+    w.wcs.crpix = [w.wcs.crpix[0] - box[0], w.wcs.crpix[1] - box[1]]
+    return dict(w.to_header(relax=True))

@@ -1,0 +1,246 @@
+"""Objects on coadds (LSE-163 5.2 steps 4-5) and forced photometry on visits (step 7).
+
+``objects`` (per patch): detection on each band's deep coadd, peaks merged
+across bands into one footprint list, blended footprints deblended into
+children with a model shared across bands (algorithms/deblend.py), every
+object measured in every band (centroid, moments, apertures, Kron, PSF flux
+aperture-corrected to total, extendedness), release-unique objectIds, and
+``detect_isPrimary`` for children/isolated objects in the patch's and the
+tract's inner regions (no duplicates across overlaps).  Object table columns
+follow DP1 (``<band>_psfFlux`` ...; nJy, degrees).
+
+``forced`` (per visit x detector): PSF fluxes at every primary object's position
+on the calexp (positions propagated with the object's motion when known),
+fitted simultaneously for overlapping objects -> ForcedSource rows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from astropy.wcs import WCS
+
+from ..algorithms.deblend import deblend_footprints
+from ..algorithms.masks import DETECTED
+from ..algorithms.detect import detect_sources
+from ..algorithms.footprints import Footprints
+from ..algorithms.forced import forced_psf_photometry
+from ..algorithms.kron import kron_photometry
+from ..algorithms.measure import measure_sources
+from ..algorithms.merge import merge_detections
+from ..algorithms.psf import PsfModel
+from ..config.stages import ForcedConfig, ObjectsConfig
+from ..errors import NoWorkFound
+from ..ids import ObjectIdFactory
+from ..repo import DataId
+from ..repo.formats import read_exposure, read_parquet, table_from_columns, write_parquet
+from .base import QuantumContext, QuantumSpec, Resources, Stage
+from .coadd import detector_patches
+from .common import fit_apcorr_clean, wcs_from_header
+
+MEASURED = ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr", "ap25Flux", "ap25FluxErr", "gaussianFlux",
+            "gaussianFluxErr", "extendedness", "ixx", "iyy", "ixy", "psfFlux_flag", "pixelFlags_saturatedCenter")
+
+
+class ObjectsStage(Stage):
+    name = "objects"
+    dimensions = ("skymap", "tract", "patch")
+    input_types = ("coadd",)
+    output_types = ("object",)
+    resources = Resources(cores=1, memory_gib=4.0)
+    description = "coadd detection, cross-band merge, deblending, per-band measurement -> Object"
+
+    def plan(self, ctx, config: ObjectsConfig) -> list[QuantumSpec]:
+        patches: dict[tuple, list] = {}
+        for dtype, did in ctx.produced:
+            if dtype == "coadd":
+                patches.setdefault((did["skymap"], did["tract"], did["patch"]), []).append(did)
+        return [QuantumSpec(self.name, DataId(skymap=s, tract=t, patch=p), tuple(("coadd", d) for d in sorted(ds)),
+                            (("object", DataId(skymap=s, tract=t, patch=p)),))
+                for (s, t, p), ds in sorted(patches.items())]
+
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: ObjectsConfig = ctx.config  # type: ignore[assignment]
+        from ..config.skymap import SkyMapConfig
+        from ..skymap import SkyMap
+
+        coadds = {r.data_id["band"]: read_exposure(ctx.repo.path_of(r)) for r in ctx.inputs_of("coadd")}
+        bands = sorted(coadds)
+        if not bands:
+            raise NoWorkFound(f"no coadd for {ctx.data_id} (patch barely covered)")
+        psfs = {b: PsfModel.from_fits(*coadds[b].psf) for b in bands}
+        shape = coadds[bands[0]].image.shape
+        per_band: dict[str, Footprints] = {}
+        for b in bands:
+            e = coadds[b]
+            m = e.mask.copy()
+            cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+            per_band[b] = detect_sources(e.image, e.variance, m, psfs[b].sigma_at(cx, cy),
+                                         threshold=cfg.detection_threshold_sigma)
+        merged = merge_detections(per_band, shape)
+        if merged.footprints.n_peaks == 0:
+            raise NoWorkFound(f"no detection on the coadds of {ctx.data_id}")
+        deb = deblend_footprints({b: coadds[b].image for b in bands}, {b: coadds[b].variance for b in bands},
+                                 {b: coadds[b].mask for b in bands}, psfs, merged)
+        cat = deb.catalog
+        n = len(cat["x"])
+        # measurement in every band at the merged footprints/peaks (blends fitted simultaneously)
+        cols: dict[str, np.ndarray] = {}
+        ref_band = max(bands, key=lambda b: float(np.nanmedian(coadds[b].image[coadds[b].image > 0]))
+                       if (coadds[b].image > 0).any() else 0)
+        meas = {}
+        detected = (merged.footprints.labels > 0).astype(np.uint32) * DETECTED
+        for b in bands:
+            e = coadds[b]
+            # DETECTED marks every merged footprint, so local backgrounds exclude the sources' light
+            mb = measure_sources(e.image, e.variance, e.mask | detected, merged.footprints, psfs[b])
+            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), cfg.apcorr_reference_radius_pixels)
+            ac = apc(mb["x"], mb["y"])
+            mb["psfFlux"] = mb["psfFlux"] * ac
+            mb["psfFluxErr"] = mb["psfFluxErr"] * ac
+            kr, kf, kfe, kflags = kron_photometry(e.image, e.variance, e.mask, mb["x"], mb["y"], mb["ixx"], mb["iyy"],
+                                                  mb["ixy"])
+            mb["kronRad"], mb["kronFlux"], mb["kronFluxErr"] = kr, kf, kfe
+            mb["kronFlux_flag"] = kflags["kronFlux_flag"]
+            meas[b] = mb
+        # align measurement rows (peaks + parents) with deblender rows through (footprint, peak)
+        rows_m = {b: {(int(f), int(p)): i for i, (f, p) in enumerate(zip(meas[b]["footprint_index"],
+                                                                           meas[b]["peak_index"]))} for b in bands}
+        ids = ObjectIdFactory(ctx.release_id, int(ctx.data_id["tract"]), int(ctx.data_id["patch"])).make(n)
+        parent = np.asarray(cat["parent_index"])
+        cols["objectId"] = ids
+        cols["parentObjectId"] = np.where(parent >= 0, ids[np.clip(parent, 0, None)], 0).astype(np.int64)
+        cols["deblend_nChild"] = np.asarray(cat["deblend_nChild"])
+        for flag in ("deblend_skipped", "deblend_tooManyPeaks", "deblend_parentTooBig", "deblend_masked",
+                     "deblend_failed"):
+            if flag in cat:
+                cols[flag] = np.asarray(cat[flag], bool)
+        # centroid: the deblender's for children, else the reference band's measurement
+        mref = np.array([rows_m[ref_band].get((int(f), int(p)), -1) for f, p in zip(cat["footprint_index"],
+                                                                                     cat["peak_index"])])
+        cols["x"], cols["y"] = np.asarray(cat["x"], float).copy(), np.asarray(cat["y"], float).copy()
+        fill = ~np.isfinite(cols["x"]) & (mref >= 0)
+        cols["x"][fill] = meas[ref_band]["x"][mref[fill]]
+        cols["y"][fill] = meas[ref_band]["y"][mref[fill]]
+        wcs = wcs_from_header(coadds[bands[0]].wcs_header)
+        ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)
+        cols["coord_ra"], cols["coord_dec"] = ra, dec
+        cols["tract"] = np.full(n, int(ctx.data_id["tract"]), np.int32)
+        cols["patch"] = np.full(n, int(ctx.data_id["patch"]), np.int32)
+        for b in bands:
+            mrow = np.array([rows_m[b].get((int(f), int(p)), -1) for f, p in zip(cat["footprint_index"],
+                                                                                  cat["peak_index"])])
+            ok = mrow >= 0
+            for name in MEASURED + ("kronFlux", "kronFluxErr", "kronRad", "kronFlux_flag"):
+                src = meas[b][name]
+                fill = np.zeros(n, bool) if src.dtype == bool else np.full(n, np.nan)
+                fill[ok] = src[mrow[ok]]
+                cols[f"{b}_{name}"] = fill
+            cols[f"{b}_deblendFlux"] = np.asarray(cat.get(f"{b}_flux", np.full(n, np.nan)), float)
+        cols["refBand"] = np.full(n, ref_band)
+        cols["refExtendedness"] = cols[f"{ref_band}_extendedness"]
+        # primary: leaves (children or isolated) in the patch inner region and the tract inner region
+        skymap = SkyMap(SkyMapConfig.model_validate(ctx.extra["skymap"]))
+        t = skymap.tract_info(int(ctx.data_id["tract"]))
+        p = skymap.patch_info(int(ctx.data_id["tract"]), int(ctx.data_id["patch"]))
+        xt, yt = cols["x"] + p.outer[0], cols["y"] + p.outer[1]
+        inner_patch = (xt >= p.inner[0] - 0.5) & (xt < p.inner[2] - 0.5) & (yt >= p.inner[1] - 0.5) & \
+            (yt < p.inner[3] - 0.5)
+        cols["detect_isPatchInner"] = inner_patch
+        cols["detect_isTractInner"] = t.contains_inner(ra, dec)
+        cols["detect_isPrimary"] = inner_patch & cols["detect_isTractInner"] & (cols["deblend_nChild"] == 0) & \
+            ~cols.get("deblend_skipped", np.zeros(n, bool))
+        units = {"coord_ra": "deg", "coord_dec": "deg", "x": "pixel", "y": "pixel",
+                 **{f"{b}_{q}": "nJy" for b in bands for q in ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr",
+                                                                  "ap25Flux", "ap25FluxErr", "gaussianFlux",
+                                                                  "gaussianFluxErr", "kronFlux", "kronFluxErr",
+                                                                  "deblendFlux")}}
+        meta = {"release_id": ctx.release_id, "bands": bands, "deblender": {
+            "method": deb.config.get("method") if isinstance(deb.config, dict) else str(deb.config),
+            "config": deb.config if isinstance(deb.config, dict) else {}}}
+        table = table_from_columns(cols, units, meta)
+        ctx.put("object", lambda path: write_parquet(path, table))
+        ctx.summary.update(n_objects=int(n), n_primary=int(cols["detect_isPrimary"].sum()),
+                           n_blends=int((cols["deblend_nChild"] > 0).sum()))
+
+
+def _stars(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Bright, isolated, point-like rows for the coadd aperture correction."""
+    snr = cols["psfFlux"] / cols["psfFluxErr"]
+    return (snr > 50) & (cols["extendedness"] == 0) & ~cols["pixelFlags_saturatedCenter"] & \
+        (cols["deblend_nChild"] == 0) & (cols["parent_index"] < 0)
+
+
+class ForcedStage(Stage):
+    name = "forced"
+    dimensions = ("instrument", "visit", "detector")
+    input_types = ("calexp", "object", "relcal_solution")
+    output_types = ("forcedSource",)
+    resources = Resources(cores=1, memory_gib=2.0)
+    description = "PSF photometry at every object's position on every calexp -> ForcedSource"
+
+    def plan(self, ctx, config: ForcedConfig) -> list[QuantumSpec]:
+        instrument = ctx.instrument
+        objects = {(d["tract"], d["patch"]): d for t, d in ctx.produced if t == "object"}
+        relcal = ("relcal_solution", DataId(instrument=instrument))
+        specs = []
+        for v in ctx.visits:
+            for det in ctx.detectors:
+                did = DataId(instrument=instrument, visit=v["visit"], detector=det)
+                if ("calexp", did) not in ctx.produced:
+                    continue
+                obj = [objects[tp] for tp in detector_patches(ctx, v, det) if tp in objects]
+                if not obj:
+                    continue
+                inputs = [("calexp", did)] + [("object", o) for o in obj]
+                if relcal in ctx.produced:
+                    inputs.append(relcal)
+                specs.append(QuantumSpec(self.name, did, tuple(inputs), (("forcedSource", did),)))
+        return specs
+
+    def run_quantum(self, ctx: QuantumContext) -> None:
+        exp = read_exposure(ctx.repo.path_of(ctx.input_ref("calexp")))
+        visit, detector = int(ctx.data_id["visit"]), int(ctx.data_id["detector"])
+        zp = float(exp.metadata["MAGZERO"])
+        relcal = [r for (t, _), r in ctx.inputs.items() if t == "relcal_solution"]
+        if relcal:
+            sol = read_parquet(ctx.repo.path_of(relcal[0]))
+            for v, d, z in zip(sol.column("visit").to_numpy(), sol.column("detector").to_numpy(),
+                               sol.column("zeroPoint").to_numpy()):
+                if int(v) == visit and int(d) == detector:
+                    zp = float(z)
+        calib = 10 ** (-0.4 * (zp - 31.4))
+        ids, ras, decs = [], [], []
+        for ref in ctx.inputs_of("object"):
+            t = read_parquet(ctx.repo.path_of(ref), ["objectId", "coord_ra", "coord_dec", "detect_isPrimary"])
+            prim = t.column("detect_isPrimary").to_numpy(zero_copy_only=False)
+            ids.append(t.column("objectId").to_numpy()[prim])
+            ras.append(t.column("coord_ra").to_numpy()[prim])
+            decs.append(t.column("coord_dec").to_numpy()[prim])
+        ids, ras, decs = np.concatenate(ids), np.concatenate(ras), np.concatenate(decs)
+        wcs: WCS = wcs_from_header(exp.wcs_header)
+        x, y = wcs.all_world2pix(ras, decs, 0)
+        ny, nx = exp.image.shape
+        on = (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
+        if not on.any():
+            raise NoWorkFound(f"no object falls on visit {visit} detector {detector}")
+        psf = PsfModel.from_fits(*exp.psf)
+        apdict = json.loads(exp.extra["APCORR"][1]["APCDICT"]) if "APCORR" in exp.extra else None
+        from ..algorithms.apcorr import ApertureCorrection
+
+        res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on])
+        ac = ApertureCorrection.from_dict(apdict)(x[on], y[on]) if apdict else 1.0
+        cols = {
+            "objectId": ids[on], "visit": np.full(on.sum(), visit, np.int64),
+            "detector": np.full(on.sum(), detector, np.int32), "band": np.full(on.sum(), exp.metadata["BAND"]),
+            "coord_ra": ras[on], "coord_dec": decs[on], "x": x[on], "y": y[on],
+            "psfFlux": res["psfFlux"] * ac * calib, "psfFluxErr": res["psfFluxErr"] * ac * calib,
+            "psfFlux_flag": np.asarray(res["psfFlux_flag"], bool),
+            "expMidptMJD": np.full(on.sum(), float(exp.metadata["MJD-MID"])),
+        }
+        table = table_from_columns(cols, {"psfFlux": "nJy", "psfFluxErr": "nJy", "coord_ra": "deg",
+                                          "coord_dec": "deg", "expMidptMJD": "d"},
+                                   {"release_id": ctx.release_id, "zero_point": zp})
+        ctx.put("forcedSource", lambda path: write_parquet(path, table))
+        ctx.summary.update(n_forced=int(on.sum()))
