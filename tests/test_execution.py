@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from lsst_prod.config.campaign import InjectedFailureSpec, RetryPolicy
 from lsst_prod.config.site import SiteConfig
+from lsst_prod.config.skymap import SkyMapConfig
 from lsst_prod.config.stages import StageConfig
 from lsst_prod.errors import InvalidQuantum
 from lsst_prod.execution import worker
@@ -32,6 +33,7 @@ RUN = "toy/run1"
 
 class ToyConfig(StageConfig):
     invalid_on: list[int] = []
+    hang_on: list[int] = []  # groups whose quanta hang (sleep) on their first attempt
 
 
 class ToyStage(Stage):
@@ -44,6 +46,10 @@ class ToyStage(Stage):
         return []
 
     def run_quantum(self, ctx):
+        if ctx.data_id["group"] in ctx.config.hang_on and ctx.attempt == 1:
+            import time
+
+            time.sleep(4)
         if ctx.data_id["group"] in ctx.config.invalid_on:
             raise InvalidQuantum(f"toy cannot run group {ctx.data_id['group']}")
         upstream = [json.loads(ctx.repo.path_of(r).read_text())["value"] for r in ctx.inputs.values()]
@@ -77,9 +83,10 @@ def toy(monkeypatch, tmp_path):
                    Quantum(c, (), (b1.quantum_id, b2.quantum_id))]
     graph = QuantumGraph(quanta, ["toy"])
 
-    def make_driver(injections=(), invalid_on=(), max_attempts=3):
-        stages = SimpleNamespace(enabled=lambda: {"toy": ToyConfig(invalid_on=list(invalid_on))})
+    def make_driver(injections=(), invalid_on=(), max_attempts=3, **cfg):
+        stages = SimpleNamespace(enabled=lambda: {"toy": ToyConfig(invalid_on=list(invalid_on), **cfg)})
         config = SimpleNamespace(stages=stages, retry=RetryPolicy(max_attempts=max_attempts), release_id=1,
+                                 skymap=SkyMapConfig(), bands=["r"],
                                  inject_failures=[InjectedFailureSpec(**i) for i in injections])
         campaign = SimpleNamespace(config=config, site=SiteConfig(name="t", executor="threads", max_workers=2))
         driver = Driver(repo, campaign, graph, RUN)
@@ -178,3 +185,13 @@ def test_worker_records_unexpected_errors(toy, monkeypatch):
     assert record["outcome"] == "failed" and record["error_class"] == "UnexpectedError"
     assert "ZeroDivisionError" in record["error_message"] and "traceback" in record["error_metadata"]
     assert record["outputs"] == []
+
+
+def test_hung_quantum_is_abandoned_after_its_walltime_and_retried(toy):
+    result = toy.make_driver(hang_on=[1], walltime_s=1).execute()
+    assert result.ok and result.counts["succeeded"] == 12
+    report = build_report(toy.repo, RUN)
+    q = next(q for q in report["quanta"] if q["quantum_id"] == "toy:group=1, step=a")
+    assert [a["outcome"] for a in q["attempts"]] == ["failed", "succeeded"]
+    assert q["attempts"][0]["error_class"] == "TransientError"
+    assert "exceeded its walltime of 1 s" in q["attempts"][0]["error_message"]

@@ -16,6 +16,9 @@ class StageConfig(BaseModel):
     memory_gib: float | None = Field(
         None, gt=0, description="memory requested per quantum, GiB (default: the stage's own declaration); "
                                 "picks the site's memory class, which is escalated on OutOfMemory")
+    walltime_s: int | None = Field(
+        None, gt=0, description="a quantum running longer is abandoned and retried as a transient failure "
+                                "(default: the stage's own declaration)")
 
 
 class SingleFrameConfig(StageConfig):

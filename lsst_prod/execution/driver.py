@@ -30,7 +30,7 @@ from ..provenance.writer import ProvenanceWriter
 from .cleanup import job_comment
 from .parsl_adapter import ParslSession, executor_label, is_worker_lost
 from .policy import Action, decide
-from .worker import execute_quantum
+from .worker import execute_quantum, start_marker
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,21 @@ class Driver:
         order = {qid: i for i, qid in enumerate(q.id for q in self.graph)}
         ready = deque(sorted((q for q, deps in pending_deps.items() if not deps), key=order.__getitem__))
         inflight: dict[Future, tuple[str, int]] = {}
+        started: dict[Future, float] = {}
+
+        def running_since(fut: Future) -> float:
+            """When the worker started the attempt (its start marker), or +inf while it is queued."""
+            if started[fut] == float("inf"):
+                qid, attempt = inflight[fut]
+                try:
+                    started[fut] = start_marker(str(self.repo.root), self.run, qid, attempt).stat().st_mtime
+                except OSError:
+                    pass
+            return started[fut]
+
+        def walltime(qid: str) -> float:
+            stage = self.graph[qid].stage
+            return float(self.campaign.config.stages.enabled()[stage].walltime_s or STAGES[stage].resources.walltime_s)
         session = ParslSession(site, parsl_dir(self.repo, self.run, site), with_mpi=uses_mpi, job_comment=job_comment(self.run))
         if self.progress:
             self.progress.start(Counter(self.graph[q].stage for q in to_run))
@@ -223,7 +238,9 @@ class Driver:
                 finish(qid, "blocked", payload)
                 return
             self.writer.set_status([qid], "running")
-            inflight[session.submit(execute_quantum, payload, executor=label)] = (qid, attempt)
+            fut = session.submit(execute_quantum, payload, executor=label)
+            inflight[fut] = (qid, attempt)
+            started[fut] = float("inf")  # not running until its worker says so (queueing is not counted)
 
         with session:
             while ready or inflight:
@@ -232,16 +249,28 @@ class Driver:
                 if not inflight:
                     continue
                 done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
-                for fut in done:
+                now = time.time()
+                overdue = [f for f in inflight if f not in done and now - running_since(f) > walltime(inflight[f][0])]
+                for fut in list(done) + overdue:
+                    elapsed = now - running_since(fut)
                     qid, attempt = inflight.pop(fut)
+                    started.pop(fut, None)
                     try:
+                        start_marker(str(self.repo.root), self.run, qid, attempt).unlink()
+                    except OSError:
+                        pass
+                    try:
+                        if fut in overdue:
+                            raise TimeoutError(f"exceeded its walltime of {walltime(qid):.0f} s "
+                                               f"(ran {elapsed:.0f} s); abandoned")
                         record = fut.result()
-                    except Exception as exc:  # the worker died: the task never reported
+                    except Exception as exc:  # the worker died or hung: the task never reported
                         q = self.graph[qid]
                         record = {
                             "quantum_id": qid, "stage": q.stage, "data_id": q.data_id.to_dict(),
                             "attempt": attempt, "outcome": "failed",
                             "error_class": "WorkerLost" if is_worker_lost(exc) else "TransientError",
+                            "wall_s": elapsed if elapsed != float("-inf") else None,
                             "error_message": f"{type(exc).__name__}: {exc}",
                             "executor": executor_label(site, mem_class[qid]), "memory_class": classes[mem_class[qid]].name,
                             "inputs": [], "outputs": [],

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import traceback
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -121,6 +122,14 @@ class _MemoryLimit:
             resource.setrlimit(resource.RLIMIT_DATA, self.saved)
 
 
+def start_marker(repo_root: str, run: str, quantum_id: str, attempt: int) -> Path:
+    """File a worker touches when an attempt starts: the driver times walltimes from it."""
+    import hashlib
+
+    key = hashlib.sha1(quantum_id.encode()).hexdigest()[:20]
+    return Path(repo_root) / run / "_running" / f"{key}.{attempt}"
+
+
 def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]:
     """Run ``payload['stage']`` on ``payload['data_id']``; return the attempt's record.
 
@@ -130,6 +139,13 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
     from ..stages import STAGES
 
     stage_cls = STAGES[payload["stage"]]
+    if comm is None or comm.Get_rank() == 0:
+        marker = start_marker(payload["repo_root"], payload["run"], payload["quantum_id"], payload["attempt"])
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # timing falls back to submission time
     if stage_cls.resources.mpi_ranks > 0 and comm is None:
         return _execute_mpi(payload, int(payload["config"].get("mpi_ranks") or stage_cls.resources.mpi_ranks))
     from ..config.stages import STAGE_CONFIGS
