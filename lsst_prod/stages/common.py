@@ -14,7 +14,7 @@ SKY_ANNULUS_PIX = (50.0, 70.0)  # measure_sources' default local-background annu
 
 
 def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[str, np.ndarray],
-                     stars: np.ndarray, radius: float) -> ApertureCorrection:
+                     stars: np.ndarray, radius: float, robust_constant: bool = False) -> ApertureCorrection:
     """Aperture correction (reference aperture / PSF flux) from the rows ``stars`` (bright isolated
     stars), their reference apertures measured with every other source's PSF model subtracted and
     the local annulus background removed (crowded fields; see algorithms/neighbours.py)."""
@@ -28,6 +28,18 @@ def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[st
     n_annulus = math.pi * (SKY_ANNULUS_PIX[1] ** 2 - SKY_ANNULUS_PIX[0] ** 2)
     ref_err = np.hypot(ref_err, cols["skyErr"][idx] * area / math.sqrt(n_annulus))
     ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx]
+    if robust_constant:
+        # A constant: the median ratio (contamination of large apertures is one-sided, so a weighted
+        # mean or polynomial is pulled up by it; on coadds the PSF model varies little anyway).
+        ratio = ref_flux[ok] / cols["psfFlux"][idx][ok]
+        if len(ratio) < 3:
+            return ApertureCorrection(0, np.array([1.0]), np.zeros((1, 1)), image.shape, int(len(ratio)),
+                                      float("nan"), float("nan"), 0.0, radius)
+        med = float(np.median(ratio))
+        mad = 1.4826 * float(np.median(np.abs(ratio - med)))
+        err = 1.2533 * mad / math.sqrt(len(ratio))
+        return ApertureCorrection(0, np.array([med]), np.array([[err**2]]), image.shape, int(len(ratio)), mad, err,
+                                  0.0, radius)
     return fit_aperture_correction(cols["x"][idx][ok], cols["y"][idx][ok], cols["psfFlux"][idx][ok],
                                    cols["psfFluxErr"][idx][ok], ref_flux[ok], ref_err[ok],
                                    np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)

@@ -95,7 +95,8 @@ class ObjectsStage(Stage):
             e = coadds[b]
             # DETECTED marks every merged footprint, so local backgrounds exclude the sources' light
             mb = measure_sources(e.image, e.variance, e.mask | detected, merged.footprints, psfs[b])
-            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), cfg.apcorr_reference_radius_pixels)
+            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), cfg.apcorr_reference_radius_pixels,
+                                   robust_constant=True)
             ac = apc(mb["x"], mb["y"])
             mb["psfFlux"] = mb["psfFlux"] * ac
             mb["psfFluxErr"] = mb["psfFluxErr"] * ac
