@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console

@@ -2,49 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 
+from _helpers import write_campaign
 from lsst_prod.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-CAMPAIGN = """
-release: dp-test
-release_id: 7
-instrument: SimCam
-repo: repo
-site: {site}
-bands: [g, r]
-stages:
-  single_frame: {{}}
-retry:
-  max_attempts: 2
-{extra}
-simulation:
-  seed: 4242
-  n_detectors: 2
-  detector_nx: 1024
-  detector_ny: 1024
-  bands: [g, r]
-  n_nights: 2
-  visits_per_night_per_band: 1
-  star_density_per_deg2: 100000
-  n_transients: 0
-  n_asteroids: 0
-"""
-
-
-def write_campaign(dirpath: Path, site: str = "threads", extra: str = "") -> Path:
-    (dirpath / "sites").mkdir(parents=True, exist_ok=True)
-    for name in ("threads", "local", "slurm-localhost"):
-        shutil.copy(ROOT / "sites" / f"{name}.yaml", dirpath / "sites" / f"{name}.yaml")
-    path = dirpath / "campaign.yaml"
-    path.write_text(CAMPAIGN.format(site=f"sites/{site}.yaml", extra=extra))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -60,15 +23,4 @@ def workdir(tmp_path, simulated):
     shutil.copytree(simulated, tmp_path / "repo")
     return tmp_path
 
-
-
-
-def last_line(out: str) -> str:
-    return [line for line in out.strip().splitlines() if line.strip()][-1].strip()
-
-
-def report_json(repo: Path, run: str, capsys) -> dict:
-    capsys.readouterr()
-    assert main(["report", run, "--repo", str(repo), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
 

@@ -7,7 +7,6 @@ The toy stage writes a small JSON file per quantum; quanta form a diamond per
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

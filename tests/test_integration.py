@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from lsst_prod.cli import main
-from lsst_prod.provenance.db import quanta
 from lsst_prod.repo import Repository
 from lsst_prod.repo.atomic import TMP_PREFIX, sha256_file
 
-from conftest import write_campaign  # noqa: E402
+from _helpers import count_status, write_campaign  # noqa: E402
 
 
 def _last_line(out: str) -> str:
@@ -112,18 +110,6 @@ def test_injected_failure_then_restart(workdir, capsys):
     assert "nothing to re-run" in capsys.readouterr().out
 
 
-def _count(repo_path: Path, run: str, status: str) -> int:
-    engine = sa.create_engine(f"sqlite:///{repo_path / 'registry.sqlite3'}")
-    try:
-        with engine.connect() as c:
-            return c.execute(sa.select(sa.func.count()).select_from(quanta)
-                             .where((quanta.c.run == run) & (quanta.c.status == status))).scalar()
-    except sa.exc.OperationalError:
-        return 0
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.slow
 def test_killed_driver_then_restart_same_outputs(workdir, tmp_path_factory, capsys):
     """kill -9 the driver midway; restart completes with no duplicated or missing outputs, and the
@@ -135,12 +121,12 @@ def test_killed_driver_then_restart_same_outputs(workdir, tmp_path_factory, caps
                              "--no-progress"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while _count(workdir / "repo", run, "succeeded") < 2 and time.time() < deadline and proc.poll() is None:
+    while count_status(workdir / "repo", run, "succeeded") < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = _count(workdir / "repo", run, "succeeded")
+    done_before = count_status(workdir / "repo", run, "succeeded")
     assert 2 <= done_before < 8
 
     capsys.readouterr()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import report_json, write_campaign
+from _helpers import report_json, write_campaign
 from lsst_prod.cli import main
 from lsst_prod.repo import Repository
 from lsst_prod.repo.formats import read_parquet

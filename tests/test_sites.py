@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, report_json, write_campaign
+from _helpers import ROOT, report_json, write_campaign
 from lsst_prod.cli import main
 from lsst_prod.config.site import SiteConfig, load_site
 from lsst_prod.errors import ConfigError, InvalidQuantum

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from conftest import ROOT, last_line, report_json, write_campaign
+from _helpers import ROOT, count_status, last_line, report_json, write_campaign
 from lsst_prod.cli import main
-from lsst_prod.provenance.db import quanta
 from lsst_prod.repo import Repository
 from lsst_prod.repo.atomic import TMP_PREFIX, sha256_file
 
@@ -62,18 +60,6 @@ def _outputs(repo_path: Path, run: str) -> dict:
     assert len({(r.dataset_type, r.data_id) for r in refs}) == len(refs), "duplicated outputs"
     assert not list((repo_path / run).rglob(f"{TMP_PREFIX}*")), "half-written temporaries left behind"
     return {(r.dataset_type, r.data_id): r.checksum for r in refs}
-
-
-def _count(repo_path: Path, run: str, status: str) -> int:
-    engine = sa.create_engine(f"sqlite:///{repo_path / 'registry.sqlite3'}")
-    try:
-        with engine.connect() as c:
-            return c.execute(sa.select(sa.func.count()).select_from(quanta)
-                             .where((quanta.c.run == run) & (quanta.c.status == status))).scalar()
-    except sa.exc.OperationalError:
-        return 0
-    finally:
-        engine.dispose()
 
 
 def _submit_bg(workdir: Path, campaign: Path, run: str) -> subprocess.Popen:
@@ -124,7 +110,7 @@ def test_cancelled_block_is_survived(workdir, reference, capsys):
     campaign = write_campaign(workdir, site="slurm-localhost")
     run = "dp-test/scancel"
     proc = _submit_bg(workdir, campaign, run)
-    _wait_for(lambda: _count(workdir / "repo", run, "succeeded") >= 1 and _count(workdir / "repo", run, "running") >= 1
+    _wait_for(lambda: count_status(workdir / "repo", run, "succeeded") >= 1 and count_status(workdir / "repo", run, "running") >= 1
               and _our_jobs(run), 180, "a finished quantum and one in flight", proc)
     victims = _our_jobs(run)
     subprocess.run(["scancel", *victims], check=True, timeout=10)
@@ -144,10 +130,10 @@ def test_killed_coordinator_then_restart(workdir, reference, capsys):
     campaign = write_campaign(workdir, site="slurm-localhost")
     run = "dp-test/kill-driver"
     proc = _submit_bg(workdir, campaign, run)
-    _wait_for(lambda: _count(workdir / "repo", run, "succeeded") >= 2, 180, "two finished quanta", proc)
+    _wait_for(lambda: count_status(workdir / "repo", run, "succeeded") >= 2, 180, "two finished quanta", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _count(workdir / "repo", run, "succeeded") < 8
+    assert count_status(workdir / "repo", run, "succeeded") < 8
     assert main(["restart", run, "--repo", str(workdir / "repo"), "--no-progress"]) == 0
     report = report_json(workdir / "repo", run, capsys)
     assert report["complete"] and report["totals"]["succeeded"] == 8
