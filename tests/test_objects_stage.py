@@ -40,5 +40,7 @@ def test_coadd_objects_forced_chain(workdir, capsys):
     assert set(fs["objectId"]) <= set(np.concatenate([read_parquet(repo.path_of(r)).column("objectId").to_numpy()
                                                       for r in repo.query("object", ["chain/1"])]))
     m = object_metrics(repo, "chain/1")
-    assert 0.99 <= m["coadd_flux_ratio_stars"] <= 1.01, m
+    # 2 inputs per coadd here (no outlier rejection, few stars for the aperture correction): 2 %;
+    # the 0.995-1.005 is checked on the demo campaign by CI (`validate --strict`)
+    assert 0.98 <= m["coadd_flux_ratio_stars"] <= 1.02, m
     assert m["object_completeness_snr10"] >= 0.85, m

@@ -10,6 +10,7 @@ by astropy and DS9 (each image HDU carries the WCS).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..algorithms import masks
+
+#: cfitsio (inside fitsio) is not thread-safe: concurrent FITS I/O from threads of one process
+#: corrupts reads (seen with the thread executor). Worker processes are unaffected by the lock.
+_FITS_LOCK = threading.RLock()
 
 _RESERVED = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT", "EXTNAME",
              "BZERO", "BSCALE", "TFIELDS"}
@@ -32,6 +37,8 @@ def _clean_header(header: dict[str, Any] | None) -> list[dict[str, Any]]:
             continue
         if isinstance(v, (np.floating,)):
             v = float(v)
+        if isinstance(v, float) and not np.isfinite(v):
+            v = str(v)  # FITS has no NaN/inf numbers (cfitsio corrupts the file): keep them as text
         elif isinstance(v, (np.integer,)):
             v = int(v)
         elif isinstance(v, (dict, list, tuple)):
@@ -55,17 +62,18 @@ class Exposure:
 
 def write_exposure(path: Path, exp: Exposure) -> None:
     """Write an exposure to ``path`` (call through an atomic writer)."""
-    with fitsio.FITS(str(path), "rw", clobber=True) as f:
-        f.write(None, header=_clean_header(exp.metadata))
-        f.write(exp.image.astype(np.float32), extname="IMAGE", header=_clean_header(exp.wcs_header | {"BUNIT": "electron"}))
-        f.write(exp.mask.astype(np.uint32), extname="MASK", header=_clean_header(exp.wcs_header | masks.header_cards()))
-        f.write(exp.variance.astype(np.float32), extname="VARIANCE",
-                header=_clean_header(exp.wcs_header | {"BUNIT": "electron2"}))
-        if exp.psf is not None:
-            arr, hdr = exp.psf
-            f.write(np.asarray(arr, dtype=np.float64), extname="PSF", header=_clean_header(hdr))
-        for name, (arr, hdr) in exp.extra.items():
-            f.write(np.asarray(arr), extname=name.upper(), header=_clean_header(hdr))
+    with _FITS_LOCK:
+        with fitsio.FITS(str(path), "rw", clobber=True) as f:
+            f.write(None, header=_clean_header(exp.metadata))
+            f.write(exp.image.astype(np.float32), extname="IMAGE", header=_clean_header(exp.wcs_header | {"BUNIT": exp.metadata.get("BUNIT", "electron")}))
+            f.write(exp.mask.astype(np.uint32), extname="MASK", header=_clean_header(exp.wcs_header | masks.header_cards()))
+            f.write(exp.variance.astype(np.float32), extname="VARIANCE",
+                    header=_clean_header(exp.wcs_header | {"BUNIT": exp.metadata.get("BUNIT", "electron") + "2"}))
+            if exp.psf is not None:
+                arr, hdr = exp.psf
+                f.write(np.asarray(arr, dtype=np.float64), extname="PSF", header=_clean_header(hdr))
+            for name, (arr, hdr) in exp.extra.items():
+                f.write(np.asarray(arr), extname=name.upper(), header=_clean_header(hdr))
 
 
 def _header_dict(h) -> dict[str, Any]:
@@ -73,30 +81,33 @@ def _header_dict(h) -> dict[str, Any]:
 
 
 def read_exposure(path: Path, with_pixels: bool = True) -> Exposure:
-    with fitsio.FITS(str(path)) as f:
-        meta = _header_dict(f[0].read_header())
-        img_hdr = _header_dict(f["IMAGE"].read_header())
-        wcs = {k: v for k, v in img_hdr.items() if k not in _RESERVED and k != "BUNIT"}
-        if with_pixels:
-            image, mask, var = f["IMAGE"].read(), f["MASK"].read(), f["VARIANCE"].read()
-        else:
-            image = mask = var = np.empty((0, 0))
-        names = {hdu.get_extname() for hdu in f}
-        psf = (f["PSF"].read(), _header_dict(f["PSF"].read_header())) if "PSF" in names else None
-        extra = {n: (f[n].read(), _header_dict(f[n].read_header())) for n in names
-                 if n and n not in ("IMAGE", "MASK", "VARIANCE", "PSF")}
-    return Exposure(image, mask, var, meta, wcs, psf, extra)
+    with _FITS_LOCK:
+        with fitsio.FITS(str(path)) as f:
+            meta = _header_dict(f[0].read_header())
+            img_hdr = _header_dict(f["IMAGE"].read_header())
+            wcs = {k: v for k, v in img_hdr.items() if k not in _RESERVED and k != "BUNIT"}
+            if with_pixels:
+                image, mask, var = f["IMAGE"].read(), f["MASK"].read(), f["VARIANCE"].read()
+            else:
+                image = mask = var = np.empty((0, 0))
+            names = {hdu.get_extname() for hdu in f}
+            psf = (f["PSF"].read(), _header_dict(f["PSF"].read_header())) if "PSF" in names else None
+            extra = {n: (f[n].read(), _header_dict(f[n].read_header())) for n in names
+                     if n and n not in ("IMAGE", "MASK", "VARIANCE", "PSF")}
+        return Exposure(image, mask, var, meta, wcs, psf, extra)
 
 
 def write_image(path: Path, data: np.ndarray, header: dict[str, Any] | None = None) -> None:
     """A single-image FITS file (calibration products)."""
-    with fitsio.FITS(str(path), "rw", clobber=True) as f:
-        f.write(data, header=_clean_header(header))
+    with _FITS_LOCK:
+        with fitsio.FITS(str(path), "rw", clobber=True) as f:
+            f.write(data, header=_clean_header(header))
 
 
 def read_image(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    with fitsio.FITS(str(path)) as f:
-        return f[0].read(), _header_dict(f[0].read_header())
+    with _FITS_LOCK:
+        with fitsio.FITS(str(path)) as f:
+            return f[0].read(), _header_dict(f[0].read_header())
 
 
 def table_from_columns(columns: dict[str, np.ndarray], units: dict[str, str] | None = None,

@@ -23,8 +23,8 @@ from astropy.wcs import WCS
 from ..algorithms import masks
 from ..algorithms.detect import detect_sources
 from ..algorithms.psf import PsfModel, fit_psf, select_psf_candidates
-from ..algorithms.resample import warp_exposure
-from ..algorithms.stack import WarpInput, select_best_seeing, stack_warps
+from ..algorithms.resample import warp_exposure, warp_psf
+from ..algorithms.stack import WarpInput, coadd_psf, select_best_seeing, stack_warps
 from ..camera import Camera, nominal_wcs_header
 from ..config.stages import CoaddConfig, WarpConfig
 from ..errors import AlgorithmError, NoWorkFound
@@ -103,7 +103,7 @@ class WarpStage(Stage):
         mask = np.full((ny, nx), masks.NO_DATA, np.uint32)
         meta: dict = {}
         fwhms, n_used = [], 0
-        psf_header = None
+        psf_stamp, best_valid = None, -1
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
             det = int(ref.data_id["detector"])
@@ -121,13 +121,18 @@ class WarpStage(Stage):
             n_used += 1
             fwhms.append(float(exp.metadata["PSFFWHM"]) / float(exp.metadata.get("PIXSCALE", 0.2)))
             meta = {k: exp.metadata[k] for k in ("BAND", "FILTER", "MJD-MID", "EXPTIME", "AIRMASS") if k in exp.metadata}
-            if psf_header is None and exp.psf is not None:
-                psf_header = exp.psf
+            if exp.psf is not None:
+                # this visit's PSF as it appears at the patch centre (fallback coadd PSF, see CoaddStage)
+                cx, cy = (p.outer[0] + p.outer[2]) / 2.0, (p.outer[1] + p.outer[3]) / 2.0
+                stamp = warp_psf(PsfModel.from_fits(*exp.psf), wcs_from_header(exp.wcs_header), dst_wcs, cx, cy)
+                if psf_stamp is None or w.n_valid > best_valid:
+                    psf_stamp, best_valid = stamp, w.n_valid
         if n_used == 0:
             raise NoWorkFound(f"no calexp of visit {ctx.data_id['visit']} overlaps tract {tract} patch {patch}")
         meta.update({"VISIT": int(ctx.data_id["visit"]), "TRACT": tract, "PATCH": patch, "NDETECT": n_used,
                      "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(relcal)})
-        out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer))
+        extra = {"PSFSTAMP": (psf_stamp.astype(np.float64), {})} if psf_stamp is not None else {}
+        out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))
         ctx.summary.update(n_detectors=n_used, valid_fraction=float(((mask & masks.NO_DATA) == 0).mean()))
 
@@ -174,7 +179,10 @@ class CoaddStage(Stage):
             image = np.nan_to_num(co.image.astype(np.float32))
             variance = np.where(np.isfinite(co.variance), co.variance, 0).astype(np.float32)
             cmask = co.mask.astype(np.uint32)
-            psf = _coadd_psf(image, variance, cmask, cfg)
+            stamps = [w.extra["PSFSTAMP"][0] for w in chosen if "PSFSTAMP" in w.extra]
+            fallback = (coadd_psf(stamps, co.weights[: len(stamps)]) if len(stamps) == len(chosen)
+                        and np.any(co.weights > 0) else None)
+            psf = _coadd_psf(image, variance, cmask, cfg, fallback)
             meta = {"TRACT": int(ctx.data_id["tract"]), "PATCH": int(ctx.data_id["patch"]),
                     "BAND": ctx.data_id["band"], "KIND": kind, "NINPUTS": len(chosen), "BUNIT": "nJy",
                     "VISITS": json.dumps(sorted(int(w.metadata["VISIT"]) for w in chosen)),
@@ -189,8 +197,9 @@ class CoaddStage(Stage):
                                    clipped_fraction=meta["CLIPFRAC"], n_psf_stars=int(psf.n_stars))
 
 
-def _coadd_psf(image, variance, mask, cfg: CoaddConfig) -> PsfModel:
-    """The coadd's PSF, fitted (PSFEx-like) on its own bright isolated stars."""
+def _coadd_psf(image, variance, mask, cfg: CoaddConfig, fallback: np.ndarray | None = None) -> PsfModel:
+    """The coadd's PSF, fitted (PSFEx-like) on its own bright isolated stars; with too few stars (a
+    thinly covered patch), the weighted sum of the inputs' PSFs at the patch centre (constant)."""
     sigma0 = 1.0 / 0.2 / 2.3548
     work_mask = mask.copy()
     fp = detect_sources(image, variance, work_mask, sigma0, threshold=20.0)
@@ -199,4 +208,7 @@ def _coadd_psf(image, variance, mask, cfg: CoaddConfig) -> PsfModel:
         return fit_psf(image, variance, work_mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
                        spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
     except AlgorithmError as exc:
-        raise AlgorithmError(f"coadd PSF: {exc}", **getattr(exc, "metadata", {})) from None
+        if fallback is None:
+            raise AlgorithmError(f"coadd PSF: {exc}", **getattr(exc, "metadata", {})) from None
+        stamp = np.asarray(fallback, np.float64)
+        return PsfModel(stamp[None, :, :] / stamp.sum(), 0, tuple(image.shape), 0, 0, float("nan"), float("nan"))

@@ -150,8 +150,9 @@ class ObjectsStage(Stage):
             (yt < p.inner[3] - 0.5)
         cols["detect_isPatchInner"] = inner_patch
         cols["detect_isTractInner"] = t.contains_inner(ra, dec)
-        cols["detect_isPrimary"] = inner_patch & cols["detect_isTractInner"] & (cols["deblend_nChild"] == 0) & \
-            ~cols.get("deblend_skipped", np.zeros(n, bool))
+        # a leaf is primary: a deblended child, an isolated object, or a parent the deblender skipped
+        # (it has no children, so it stands for its sources)
+        cols["detect_isPrimary"] = inner_patch & cols["detect_isTractInner"] & (cols["deblend_nChild"] == 0)
         units = {"coord_ra": "deg", "coord_dec": "deg", "x": "pixel", "y": "pixel",
                  **{f"{b}_{q}": "nJy" for b in bands for q in ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr",
                                                                   "ap25Flux", "ap25FluxErr", "gaussianFlux",
