@@ -44,11 +44,12 @@ def test_plan_counts_and_writes_nothing(workdir, capsys):
 
 def test_submit_report_validate(workdir, capsys):
     campaign = write_campaign(workdir)
+    campaign.write_text(campaign.read_text().replace("  single_frame: {}\n", "  single_frame: {}\n  visit_summary: {}\n"))
     assert main(["submit", str(campaign), "--no-progress"]) == 0
     run = _last_line(capsys.readouterr().out)
     assert run.startswith("dp-test/")
     report = _report(workdir / "repo", run, capsys)
-    assert report["complete"] and report["totals"]["succeeded"] == 8
+    assert report["complete"] and report["totals"]["succeeded"] == 12
     summ = report["stages"]["single_frame"]["summary"]
     assert summ["n_sources_total"] > 500
     capsys.readouterr()
@@ -60,6 +61,15 @@ def test_submit_report_validate(workdir, capsys):
     assert m["completeness_snr10_isolated_stars"] >= 0.98
     assert 0.9 <= m["flux_pull_std"] <= 1.1
     assert m["n_matched"] > 500
+    # one Visit row per visit, DP1 columns
+    repo_ = Repository.open(workdir / "repo")
+    vrefs = repo_.query("visitSummary", [run])
+    assert len(vrefs) == 4
+    import pyarrow.parquet as pq_
+
+    vis = pq_.read_table(repo_.path_of(vrefs[0])).to_pydict()
+    assert {"visit", "band", "ra", "dec", "airmass", "expMidptMJD", "obsStart"} <= set(vis)
+    assert vis["visit"][0] == vrefs[0].data_id["visit"] and vis["nDetectors"][0] == 2
     # IDs carry the release and trace back to the raw
     repo = Repository.open(workdir / "repo")
     src = repo.query("source", [run])[0]

@@ -89,6 +89,10 @@ class ObjectsConfig(StageConfig):
     apcorr_reference_radius_pixels: float = Field(25.0, gt=0)
 
 
+class VisitSummaryConfig(StageConfig):
+    """One Visit row per visit."""
+
+
 class ForcedConfig(StageConfig):
     """Forced PSF photometry on calexps at object positions."""
 
@@ -96,6 +100,7 @@ class ForcedConfig(StageConfig):
 #: Stage name -> parameter model.  The planner and the stage registry share these names.
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
     "single_frame": SingleFrameConfig,
+    "visit_summary": VisitSummaryConfig,
     "relcal": RelcalConfig,
     "warp": WarpConfig,
     "coadd": CoaddConfig,
@@ -108,6 +113,7 @@ class StagesConfig(StageConfig):
     """The ``stages:`` block: one optional entry per stage; present means enabled."""
 
     single_frame: SingleFrameConfig | None = None
+    visit_summary: VisitSummaryConfig | None = None
     relcal: RelcalConfig | None = None
     warp: WarpConfig | None = None
     coadd: CoaddConfig | None = None

@@ -14,6 +14,7 @@ from .base import Stage
 #: Stage name -> "module:Class", in pipeline order (the planner enumerates them in this order).
 _STAGE_PATHS: dict[str, str] = {
     "single_frame": "lsst_prod.stages.single_frame:SingleFrameStage",
+    "visit_summary": "lsst_prod.stages.visit_summary:VisitSummaryStage",
     "relcal": "lsst_prod.stages.relcal:RelcalStage",
     "warp": "lsst_prod.stages.coadd:WarpStage",
     "coadd": "lsst_prod.stages.coadd:CoaddStage",
