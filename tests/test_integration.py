@@ -33,13 +33,23 @@ def _report(repo: Path, run: str, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _repo_state(root):
+    """Files (ignoring SQLite's own -wal/-shm sidecars, which opening the registry creates) and
+    the registry's datasets and runs."""
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm")))
+    repo = Repository.open(root)
+    state = (files, [r.to_dict() for r in repo.query()], repo.registry.list_runs())
+    repo.close()
+    return state
+
+
 def test_plan_counts_and_writes_nothing(workdir, capsys):
     campaign = write_campaign(workdir)
-    before = sorted(p.name for p in (workdir / "repo").iterdir())
+    before = _repo_state(workdir / "repo")
     assert main(["plan", str(campaign)]) == 0
     out = capsys.readouterr().out
     assert "single_frame" in out and " 8 " in out
-    assert sorted(p.name for p in (workdir / "repo").iterdir()) == before
+    assert _repo_state(workdir / "repo") == before
 
 
 def test_submit_report_validate(workdir, capsys):

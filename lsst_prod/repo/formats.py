@@ -130,3 +130,12 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(str(path), columns=columns)
+
+
+def read_columns(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """A Parquet table as a dict of numpy arrays (column name -> values)."""
+    return table_columns(read_parquet(path, columns))
+
+
+def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}

@@ -29,9 +29,9 @@ from ..camera import Camera, nominal_wcs_header
 from ..config.stages import CoaddConfig, WarpConfig
 from ..errors import AlgorithmError, NoWorkFound
 from ..repo import DataId
-from ..repo.formats import Exposure, read_exposure, read_parquet, write_exposure
+from ..repo.formats import Exposure, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
-from .common import box_wcs_header, wcs_from_header
+from .common import box_wcs_header, relcal_zero_points, wcs_from_header
 
 COADD_TYPES = {"deep": "coadd", "best_seeing": "coadd_bestSeeing"}
 POINTING_MARGIN_PIX = 200  # nominal detector footprints are grown by this much when planning
@@ -90,13 +90,7 @@ class WarpStage(Stage):
         t = skymap.tract_info(tract)
         p = skymap.patch_info(tract, patch)
         dst_wcs = t.wcs()
-        zps = {}
-        relcal = [r for (tname, _), r in ctx.inputs.items() if tname == "relcal_solution"]
-        if relcal:
-            sol = read_parquet(ctx.repo.path_of(relcal[0]))
-            zps = {(int(v), int(d)): float(z) for v, d, z in zip(sol.column("visit").to_numpy(),
-                                                                    sol.column("detector").to_numpy(),
-                                                                    sol.column("zeroPoint").to_numpy())}
+        zps = relcal_zero_points(ctx)
         ny, nx = p.outer_shape
         image = np.zeros((ny, nx), np.float32)
         variance = np.zeros((ny, nx), np.float32)
@@ -130,7 +124,7 @@ class WarpStage(Stage):
         if n_used == 0:
             raise NoWorkFound(f"no calexp of visit {ctx.data_id['visit']} overlaps tract {tract} patch {patch}")
         meta.update({"VISIT": int(ctx.data_id["visit"]), "TRACT": tract, "PATCH": patch, "NDETECT": n_used,
-                     "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(relcal)})
+                     "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(zps)})
         extra = {"PSFSTAMP": (psf_stamp.astype(np.float64), {})} if psf_stamp is not None else {}
         out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))

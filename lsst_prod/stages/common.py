@@ -45,6 +45,18 @@ def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[st
                                    np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)
 
 
+def relcal_zero_points(ctx) -> dict[tuple[int, int], float]:
+    """(visit, detector) -> relative-calibration zero point, when the quantum reads a relcal_solution
+    (empty otherwise: the caller keeps the calexp's single-frame zero point)."""
+    from ..repo.formats import read_columns
+
+    refs = ctx.inputs_of("relcal_solution")
+    if not refs:
+        return {}
+    sol = read_columns(ctx.repo.path_of(refs[0]), ["visit", "detector", "zeroPoint"])
+    return {(int(v), int(d)): float(z) for v, d, z in zip(sol["visit"], sol["detector"], sol["zeroPoint"])}
+
+
 def wcs_from_header(header: dict) -> WCS:
     """An astropy WCS from the FITS cards of an image HDU (TAN or TAN-SIP)."""
     keys = {k: v for k, v in header.items()

@@ -37,7 +37,7 @@ from ..repo import DataId
 from ..repo.formats import read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
-from .common import fit_apcorr_clean, wcs_from_header
+from .common import fit_apcorr_clean, relcal_zero_points, wcs_from_header
 
 MEASURED = ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr", "ap25Flux", "ap25FluxErr", "gaussianFlux",
             "gaussianFluxErr", "extendedness", "ixx", "iyy", "ixy", "psfFlux_flag", "pixelFlags_saturatedCenter")
@@ -204,14 +204,7 @@ class ForcedStage(Stage):
     def run_quantum(self, ctx: QuantumContext) -> None:
         exp = read_exposure(ctx.repo.path_of(ctx.input_ref("calexp")))
         visit, detector = int(ctx.data_id["visit"]), int(ctx.data_id["detector"])
-        zp = float(exp.metadata["MAGZERO"])
-        relcal = [r for (t, _), r in ctx.inputs.items() if t == "relcal_solution"]
-        if relcal:
-            sol = read_parquet(ctx.repo.path_of(relcal[0]))
-            for v, d, z in zip(sol.column("visit").to_numpy(), sol.column("detector").to_numpy(),
-                               sol.column("zeroPoint").to_numpy()):
-                if int(v) == visit and int(d) == detector:
-                    zp = float(z)
+        zp = relcal_zero_points(ctx).get((visit, detector), float(exp.metadata["MAGZERO"]))
         calib = 10 ** (-0.4 * (zp - 31.4))
         ids, ras, decs = [], [], []
         for ref in ctx.inputs_of("object"):

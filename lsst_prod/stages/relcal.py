@@ -42,7 +42,7 @@ from ..algorithms.relcal import (
 from ..config.stages import RelcalConfig
 from ..errors import AlgorithmError
 from ..repo import DataId
-from ..repo.formats import read_parquet, table_from_columns, write_parquet
+from ..repo.formats import read_columns, read_parquet, table_columns, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 
 FLUX_COLUMNS_PREFIXES = ("psfFlux", "calibFlux", "gaussianFlux", "ap", "sky")
@@ -83,10 +83,6 @@ def _allreduce_sum(comm):
     return reduce
 
 
-def _cols(path, columns=None) -> dict[str, np.ndarray]:
-    t = read_parquet(path, columns)
-    return {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.column_names}
-
 
 class RelcalStage(Stage):
     name = "relcal"
@@ -112,7 +108,7 @@ class RelcalStage(Stage):
         allreduce = _allreduce_sum(comm)
 
         # --- the global ccdvisit table (every rank reads the small ccdVisit rows)
-        ccd_rows = [_cols(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
+        ccd_rows = [read_columns(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
         order = np.argsort([int(c["ccdVisitId"][0]) for c in ccd_rows], kind="stable")
         ccd_rows = [ccd_rows[i] for i in order]
         cv_ids = np.array([int(c["ccdVisitId"][0]) for c in ccd_rows])
@@ -129,7 +125,7 @@ class RelcalStage(Stage):
         # --- this rank's sources and its good stars
         local = {name: [] for name in SOURCE_COLUMNS + ("k",)}
         for k in mine:
-            s = _cols(ctx.repo.path_of(src_refs[keys[k]]), list(SOURCE_COLUMNS))
+            s = read_columns(ctx.repo.path_of(src_refs[keys[k]]), list(SOURCE_COLUMNS))
             for name in SOURCE_COLUMNS:
                 local[name].append(s[name])
             local["k"].append(np.full(len(s["x"]), k))
@@ -142,7 +138,7 @@ class RelcalStage(Stage):
 
         # --- matching on rank 0 over everybody's good rows; global index spaces broadcast
         gathered = comm.gather((S["k"][rows], S["ra"][rows], S["dec"][rows]), root=0)
-        ref = _cols(ctx.input_path("refcat"))
+        ref = read_columns(ctx.input_path("refcat"))
         if rank == 0:
             gk = np.concatenate([g[0] for g in gathered])
             gra = np.concatenate([g[1] for g in gathered])
@@ -210,7 +206,7 @@ class RelcalStage(Stage):
             corr = asol.correction(k)
             src_ref = src_refs[keys[k]]
             table = read_parquet(ctx.repo.path_of(src_ref))
-            cols = {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
+            cols = table_columns(table)
             scale = 10 ** (-0.4 * (zp[k] - zp_sf[k]))
             for n in list(cols):
                 if n.startswith(FLUX_COLUMNS_PREFIXES) and ("Flux" in n or n in ("sky", "skyErr")) \

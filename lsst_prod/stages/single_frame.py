@@ -37,7 +37,7 @@ from ..camera import Camera
 from ..config.stages import SingleFrameConfig
 from ..errors import AlgorithmError
 from ..ids import SourceIdFactory, ccd_visit_id
-from ..repo.formats import Exposure, read_image, read_parquet, table_from_columns, write_exposure, write_parquet
+from ..repo.formats import Exposure, read_columns, read_image, table_from_columns, write_exposure, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .common import fit_apcorr_clean, wcs_from_header
 from .source_schema import SOURCE_UNITS, build_source_columns
@@ -145,7 +145,7 @@ class SingleFrameStage(Stage):
         # 6. astrometry
         wcs0 = wcs_from_header(hdr)
         mjd_mid = float(hdr["MJD-OBS"]) + float(hdr["EXPTIME"]) / 2.0 / 86400.0
-        refcat = _read_refcat(ctx.input_path("refcat"))
+        refcat = read_columns(ctx.input_path("refcat"))
         ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=cfg.astrometry_search_radius_arcsec / pixel_scale + 50)
         if len(ref["ra"]) < cfg.astrometry_min_matches:
             raise AlgorithmError(f"only {len(ref['ra'])} reference stars over the detector", n_ref=len(ref["ra"]))
@@ -262,11 +262,6 @@ def _nearest_flags(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray,
         return out
     d, _ = cKDTree(np.column_stack([px, py])).query(np.column_stack([x, y]), distance_upper_bound=radius)
     return np.isfinite(d)
-
-
-def _read_refcat(path) -> dict[str, np.ndarray]:
-    table = read_parquet(path)
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def _refcat_near(ref: dict[str, np.ndarray], wcs0: WCS, shape: tuple[int, int], margin_pix: float) -> dict[str, np.ndarray]:

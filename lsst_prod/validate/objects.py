@@ -30,15 +30,11 @@ from scipy.spatial import cKDTree
 from ..algorithms.astrometry import propagate_positions
 from ..repo import Repository
 from ..algorithms.masks import NO_DATA
-from ..repo.formats import read_exposure, read_parquet
+from ..repo.formats import read_columns, read_exposure
 from ..stages.common import wcs_from_header
 
 MATCH_ARCSEC = 0.5
 
-
-def _cols(path, columns=None) -> dict[str, np.ndarray]:
-    t = read_parquet(path, columns)
-    return {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.column_names}
 
 
 def _unit(ra, dec):
@@ -50,8 +46,8 @@ def object_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
     obj_refs = repo.query("object", [run])
     if not obj_refs:
         return None
-    truth = _cols(repo.get_path("truth_objects", {}, ["truth"]))
-    objs = [_cols(repo.path_of(r)) for r in obj_refs]
+    truth = read_columns(repo.get_path("truth_objects", {}, ["truth"]))
+    objs = [read_columns(repo.path_of(r)) for r in obj_refs]
     obj = {k: np.concatenate([o[k] for o in objs]) for k in objs[0] if all(k in o for o in objs)}
     prim = obj["detect_isPrimary"].astype(bool)
     bands = sorted({k.split("_")[0] for k in obj if k.endswith("_psfFlux")})
@@ -148,7 +144,7 @@ def object_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
     # 4-5. forced light curves
     lc: dict[tuple[int, str], list] = defaultdict(list)
     for ref in repo.query("forcedSource", [run]):
-        f = _cols(repo.path_of(ref), ["objectId", "band", "psfFlux", "psfFluxErr", "psfFlux_flag"])
+        f = read_columns(repo.path_of(ref), ["objectId", "band", "psfFlux", "psfFluxErr", "psfFlux_flag"])
         for oid, band, fl, fe, flag in zip(f["objectId"], f["band"], f["psfFlux"], f["psfFluxErr"], f["psfFlux_flag"]):
             if not flag and np.isfinite(fl) and fe > 0:
                 lc[(int(oid), str(band))].append((fl, fe))

@@ -21,26 +21,22 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..repo import Repository
-from ..repo.formats import read_parquet
+from ..repo.formats import read_columns
 
 BRIGHT_SNR = 300.0
 PHOT_SNR = 100.0
 
-
-def _cols(path) -> dict[str, np.ndarray]:
-    t = read_parquet(path)
-    return {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.column_names}
 
 
 def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
     sols = repo.query("relcal_solution", [run])
     if not sols:
         return None
-    truth = _cols(repo.get_path("truth_ccdvisits", {}, ["truth"]))
+    truth = read_columns(repo.get_path("truth_ccdvisits", {}, ["truth"]))
     tkey = {(int(v), int(d)): i for i, (v, d) in enumerate(zip(truth["visit"], truth["detector"]))}
     zp_rel, zp_sf, zp_true = [], [], []
     for ref in sols:
-        s = _cols(repo.path_of(ref))
+        s = read_columns(repo.path_of(ref))
         for v, d, zr, zs in zip(s["visit"], s["detector"], s["zeroPoint"], s["zeroPointSingleFrame"]):
             zp_rel.append(zr)
             zp_sf.append(zs)
@@ -54,9 +50,9 @@ def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
     sep_rel, sep_sf = [], []
     for cref in repo.query("source_calibrated", [run]):
         did = cref.data_id
-        cal = _cols(repo.path_of(cref))
-        sf = _cols(repo.path_of(repo.find("source", did, [run])))
-        t = _cols(repo.get_path("truth_sources", did, ["truth"]))
+        cal = read_columns(repo.path_of(cref))
+        sf = read_columns(repo.path_of(repo.find("source", did, [run])))
+        t = read_columns(repo.get_path("truth_sources", did, ["truth"]))
         leaf = cal["deblend_nChild"] == 0
         d, j = cKDTree(np.column_stack([cal["x"][leaf], cal["y"][leaf]])).query(
             np.column_stack([t["x"], t["y"]]), distance_upper_bound=2.0)

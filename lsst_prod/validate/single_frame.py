@@ -29,7 +29,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..repo import Repository
-from ..repo.formats import read_image, read_parquet
+from ..repo.formats import read_columns, read_image
 
 BOUNDS = {
     "astrometry_rms_mas": ("<=", 20.0),
@@ -48,10 +48,6 @@ MATCH_RADIUS_PIX = 2.0
 EDGE_PIX = 20
 BAD_COLUMN_MARGIN_PIX = 5
 ISOLATION_FWHM = 3.0
-
-
-def _cols(table) -> dict[str, np.ndarray]:
-    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
 
 
 def clipped_std(x: np.ndarray, nsigma: float = 4.0, iters: int = 10) -> tuple[float, float, float]:
@@ -89,7 +85,7 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
     ccd_truth_ref = repo.find("truth_ccdvisits", {}, truth_runs)
     if ccd_truth_ref is None:
         raise FileNotFoundError(f"no simulator truth in {repo.root}: validation needs a simulated repository")
-    ccd_truth = _cols(read_parquet(repo.path_of(ccd_truth_ref)))
+    ccd_truth = read_columns(repo.path_of(ccd_truth_ref))
     truth_key = {(int(v), int(d)): i for i, (v, d) in enumerate(zip(ccd_truth["visit"], ccd_truth["detector"]))}
 
     sep_mas: list[np.ndarray] = []
@@ -101,11 +97,11 @@ def validate_run(repo: Repository, run: str) -> dict[str, Any]:
         visit, det = int(sref.data_id["visit"]), int(sref.data_id["detector"])
         instrument = sref.data_id["instrument"]
         t_i = truth_key[(visit, det)]
-        src = _cols(read_parquet(repo.path_of(sref)))
+        src = read_columns(repo.path_of(sref))
         ccd_ref = repo.find("ccdVisit", sref.data_id, [run])
-        ccd = _cols(read_parquet(repo.path_of(ccd_ref)))
+        ccd = read_columns(repo.path_of(ccd_ref))
         tref = repo.find("truth_sources", {"instrument": instrument, "visit": visit, "detector": det}, truth_runs)
-        truth = _cols(read_parquet(repo.path_of(tref)))
+        truth = read_columns(repo.path_of(tref))
         defects_ref = repo.find("defects", {"instrument": instrument, "detector": det}, [f"{instrument}/calib"])
         defects = read_image(repo.path_of(defects_ref))[0].astype(bool) if defects_ref else None
 
