@@ -25,7 +25,7 @@ from ..config.campaign import Campaign
 from ..errors import PlanningError
 from ..graph.graph import QuantumGraph
 from ..repo import DataId, Repository
-from ..repo.atomic import write_bytes_atomic
+from ..repo.atomic import sweep_temporaries, write_bytes_atomic
 from ..provenance.writer import ProvenanceWriter
 from .cleanup import job_comment
 from .parsl_adapter import ParslSession, executor_label, is_worker_lost
@@ -297,6 +297,9 @@ class Driver:
                         if action is Action.STOP_STAGE:
                             stopped_stages.add(self.graph[qid].stage)
                         finish(qid, "failed", f"{record.get('error_class')}: {record.get('error_message')}")
+        # Every worker of the session is gone: temporaries of killed writers (a cancelled block, a
+        # lost worker) can only be leftovers now; the final files were never touched by them.
+        sweep_temporaries(self.repo.root / self.run)
         if self.progress:
             self.progress.stop()
         return result
