@@ -209,22 +209,33 @@ def _print_report(report: dict[str, Any]) -> None:
     t = report["totals"]
     head = "[green]complete[/green]" if report["complete"] else "[red]incomplete[/red]"
     console.print(f"\n[bold]Report for {report['run']}[/bold]: {head}; {t['quanta']} quanta, "
-                  f"{t['succeeded']} succeeded, {t['nowork']} no work, {t['failed']} failed, {t['blocked']} blocked, "
+                  f"{t['succeeded']} succeeded ({t.get('partial', 0)} on partial inputs), {t['nowork']} no work, "
+                  f"{t['failed']} failed, {t['blocked']} blocked, "
                   f"{t['attempts']} attempts; hosts {', '.join(report['hosts']) or '-'}")
     table = Table(title="stages", title_justify="left")
     table.add_column("stage", no_wrap=True)
-    for col in ("quanta", "ok", "fail", "blocked", "retries", "wall s med/max", "cpu s", "RSS MiB"):
+    for col in ("quanta", "ok", "fail", "blocked", "partial", "retries", "wall s med/max", "cpu s", "RSS MiB"):
         table.add_column(col, justify="right")
     for stage, s in report["stages"].items():
         tm = s.get("timing", {})
         table.add_row(stage, str(s["quanta"]), str(s["succeeded"] + s["nowork"]), str(s["failed"]), str(s["blocked"]),
-                      str(s.get("retries", 0)), f"{_fmt(tm.get('wall_s_median'))}/{_fmt(tm.get('wall_s_max'))}",
+                      str(s.get("partial", 0)), str(s.get("retries", 0)),
+                      f"{_fmt(tm.get('wall_s_median'))}/{_fmt(tm.get('wall_s_max'))}",
                       _fmt(tm.get("cpu_s_total")), _fmt(tm.get("peak_rss_mib_max")))
     console.print(table)
     for stage, s in report["stages"].items():
         if s.get("summary"):
             console.print(f"[bold]{stage}[/bold] summary: " +
                           ", ".join(f"{k}={_fmt(v)}" for k, v in s["summary"].items()))
+    if report.get("partial"):
+        pt = Table(title="ran on partial inputs (their producers failed; `restart` re-runs them)")
+        for col in ("quantum", "left out", "what and why"):
+            pt.add_column(col)
+        for p in report["partial"][:50]:
+            pt.add_row(escape(p["quantum_id"]), str(p["n_left_out"]), escape(p["why"][:200]))
+        console.print(pt)
+        if len(report["partial"]) > 50:
+            console.print(f"... and {len(report['partial']) - 50} more (see --json)")
     if report["failures"]:
         ft = Table(title="failed and blocked quanta")
         for col in ("quantum", "status", "attempts", "error", "reason"):

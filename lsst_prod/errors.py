@@ -68,6 +68,18 @@ class InvalidQuantum(LsstProdError):
     error_class = "InvalidQuantum"
 
 
+class InsufficientInputs(LsstProdError):
+    """A gather quantum has too few inputs left to meet its stage's declared minimum (its
+    producers failed): not retried; the quantum is *blocked* until ``restart`` brings the
+    missing inputs back.  ``metadata`` says what was counted and what was needed."""
+
+    error_class = "InsufficientInputs"
+
+    def __init__(self, message: str, **metadata: Any) -> None:
+        super().__init__(message)
+        self.metadata = dict(metadata)
+
+
 class InjectedFailure(TransientError):
     """Raised on purpose by a campaign's ``inject_failures`` option (tests, drills)."""
 
@@ -85,6 +97,7 @@ ERROR_CLASSES: dict[str, type[LsstProdError]] = {
         AlgorithmError,
         NoWorkFound,
         InvalidQuantum,
+        InsufficientInputs,
         InjectedFailure,
     )
 }

@@ -109,6 +109,7 @@ def test_policy_table():
     assert decide("failed", "AlgorithmError", 1, p) is Action.FAIL
     assert decide("failed", "UnexpectedError", 1, p) is Action.FAIL
     assert decide("failed", "InvalidQuantum", 1, p) is Action.STOP_STAGE
+    assert decide("failed", "InsufficientInputs", 1, p) is Action.BLOCK
 
 
 def test_all_succeed_with_provenance_and_lineage(toy):
@@ -194,3 +195,96 @@ def test_hung_quantum_is_abandoned_after_its_walltime_and_retried(toy):
     assert [a["outcome"] for a in q["attempts"]] == ["failed", "succeeded"]
     assert q["attempts"][0]["error_class"] == "TransientError"
     assert "exceeded its walltime of 1 s" in q["attempts"][0]["error_message"]
+
+
+class GatherStage(ToyStage):
+    """Sums whatever of its inputs exist; needs at least two of them."""
+
+    name = "toy_gather"
+    gather = {"camera": 2}
+
+
+@pytest.fixture
+def gather_graph(toy, monkeypatch):
+    """Three producers a0..a2 -> one gather quantum g -> one follower f (requires g's output)."""
+    import lsst_prod.config.stages as stages_cfg
+    import lsst_prod.stages as stages_pkg
+
+    monkeypatch.setitem(stages_pkg.STAGES, "toy_gather", GatherStage)
+    monkeypatch.setitem(stages_cfg.STAGE_CONFIGS, "toy_gather", ToyConfig)
+    prods = [QuantumSpec("toy", DataId(group=9, step=f"a{i}"), (), (("camera", DataId(instrument=f"g9-a{i}")),))
+             for i in range(3)]
+    g = QuantumSpec("toy_gather", DataId(group=9, step="g"), tuple(p.outputs[0] for p in prods),
+                    (("camera", DataId(instrument="g9-g")),))
+    f = QuantumSpec("toy", DataId(group=9, step="f"), g.outputs, (("camera", DataId(instrument="g9-f")),))
+    quanta = [Quantum(p, (), ()) for p in prods] + [Quantum(g, (), tuple(p.quantum_id for p in prods)),
+                                                     Quantum(f, (), (g.quantum_id,))]
+    graph = QuantumGraph(quanta, ["toy", "toy_gather"])
+
+    def make_driver(injections=()):
+        enabled = {"toy": ToyConfig(), "toy_gather": ToyConfig()}
+        config = SimpleNamespace(stages=SimpleNamespace(enabled=lambda: enabled), retry=RetryPolicy(max_attempts=1),
+                                 release_id=1, skymap=SkyMapConfig(), bands=["r"],
+                                 inject_failures=[InjectedFailureSpec(**i) for i in injections])
+        campaign = SimpleNamespace(config=config, site=SiteConfig(name="t", executor="threads", max_workers=2))
+        driver = Driver(toy.repo, campaign, graph, RUN)
+        driver.writer.plan(graph, {"release": "toy"})
+        return driver
+
+    return SimpleNamespace(repo=toy.repo, graph=graph, make_driver=make_driver)
+
+
+def _inj(*steps):
+    return [{"stage": "toy", "data_id": {"group": 9, "step": s}, "error": "algorithm", "attempts": [1]} for s in steps]
+
+
+def test_gather_runs_on_what_exists_and_restart_reruns_it(gather_graph):
+    t = gather_graph
+    result = t.make_driver(_inj("a0")).execute()
+    assert result.failed == ["toy:group=9, step=a0"] and result.counts["blocked"] == 0
+    assert result.counts["succeeded"] == 4  # a1, a2, the gather on two inputs, and its follower
+    ref = t.repo.find("camera", {"instrument": "g9-g"}, [RUN])
+    assert json.loads(t.repo.path_of(ref).read_text())["value"] == 3  # 1 + 1 + 1: a0 left out
+    report = build_report(t.repo, RUN)
+    assert report["stages"]["toy_gather"]["partial"] == 1 and report["totals"]["inputs_left_out"] == 1
+    (p,) = report["partial"]
+    assert p["quantum_id"] == "toy_gather:group=9, step=g"
+    assert p["left_out"] == [{"dataset_type": "camera", "data_id": {"instrument": "g9-a0"},
+                              "producer": "toy:group=9, step=a0",
+                              "reason": "failed: AlgorithmError: injected algorithm failure on attempt 1 "
+                                        "(campaign inject_failures)"}]
+    assert "AlgorithmError" in p["why"]
+    # the failure is listed before anything it blocked, and the gather is not a failure
+    assert [f["quantum_id"] for f in report["failures"]] == ["toy:group=9, step=a0"]
+
+    # restart: the failed producer, the gather that ran without it, and what depends on the gather
+    to_run = quanta_to_rerun(t.repo, RUN, t.graph)
+    assert to_run == {"toy:group=9, step=a0", "toy_gather:group=9, step=g", "toy:group=9, step=f"}
+    result2 = t.make_driver().execute(to_run)
+    assert result2.ok and result2.counts["succeeded"] == 3
+    assert json.loads(t.repo.path_of(ref).read_text())["value"] == 4  # all three inputs now
+    report = build_report(t.repo, RUN)
+    assert report["complete"] and report["partial"] == [] and report["stages"]["toy_gather"]["partial"] == 0
+    assert quanta_to_rerun(t.repo, RUN, t.graph) == set()
+
+
+def test_gather_below_its_minimum_is_blocked(gather_graph):
+    t = gather_graph
+    result = t.make_driver(_inj("a0", "a1")).execute()
+    assert sorted(result.failed) == ["toy:group=9, step=a0", "toy:group=9, step=a1"]
+    assert result.counts["blocked"] == 2  # the gather (1 of 3 inputs, minimum 2) and its follower
+    report = build_report(t.repo, RUN)
+    by_id = {f["quantum_id"]: f for f in report["failures"]}
+    g = by_id["toy_gather:group=9, step=g"]
+    assert g["status"] == "blocked" and g["error_class"] == "InsufficientInputs"
+    assert "only 1 of 3 camera inputs" in g["error_message"] and "needs at least 2" in g["error_message"]
+    assert by_id["toy:group=9, step=f"]["status"] == "blocked"
+    assert [f["status"] for f in report["failures"]] == ["failed", "failed", "blocked", "blocked"]
+
+
+def test_a_required_input_still_blocks(gather_graph):
+    """The follower requires the gather's output: when the gather is blocked, so is the follower,
+    and a failed producer of a required input blocks its consumer outright."""
+    t = gather_graph
+    result = t.make_driver(_inj("a0", "a1", "a2")).execute()
+    assert len(result.failed) == 3 and result.counts["blocked"] == 2 and result.counts["succeeded"] == 0

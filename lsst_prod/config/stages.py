@@ -59,6 +59,11 @@ class RelcalConfig(StageConfig):
     astrometry_error_floor_mas: float = Field(1.0, ge=0)
     nsigma: float = Field(4.0, gt=0, description="outlier clipping threshold")
     max_iter: int = Field(10, ge=1, description="solve/clip iterations at most")
+    min_visits_per_band: int = Field(2, ge=1, le=100000,
+                                     description="fewer visits in a band (after failed detector-visits are left "
+                                                 "out): the quantum is blocked (InsufficientInputs)")
+    min_reference_stars_per_band: int = Field(5, ge=1, le=1000000,
+                                              description="fewer matched reference stars in a band: blocked")
 
 
 class WarpConfig(StageConfig):

@@ -113,6 +113,8 @@ class Driver:
         self.progress = progress  # object with start(counts_by_stage), advance(stage, status), stop()
         self._producer = {key: q.id for q in graph for key in q.spec.outputs}
         self._nowork = _nowork_quanta(repo, run)
+        #: consumer quantum -> the inputs it runs without (their producers failed or were blocked)
+        self._left_out: dict[str, dict[tuple[str, DataId], dict[str, Any]]] = {}
         self.stage_configs = {name: cfg.model_dump(mode="json")
                               for name, cfg in campaign.config.stages.enabled().items()}
 
@@ -124,12 +126,19 @@ class Driver:
         for dtype, did in q.spec.inputs:
             if (dtype, did) in prereq_keys:
                 continue
+            left = self._left_out.get(qid, {})
+            if (dtype, did) in left:
+                continue  # its producer failed: this gather quantum runs without it (recorded)
             ref = self.repo.find(dtype, did, [self.run])
             if ref is None:
                 if self._producer.get((dtype, did)) in self._nowork:
                     continue  # its producer found nothing to do (e.g. a detector that misses a patch)
                 return f"input {dtype} {did} was not produced (its producer wrote nothing)"
             inputs.append(ref.to_dict())
+        left_out = [dict(v) for _, v in sorted(self._left_out.get(qid, {}).items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+        short = _below_minimum(q.stage, q.spec.inputs, inputs, left_out)
+        if short:
+            return short
         return {
             "quantum_id": qid,
             "stage": q.stage,
@@ -147,8 +156,21 @@ class Driver:
             "mpi": {**self.campaign.site.mpi.model_dump(), "workdir": str(plan_dir(self.repo, self.run).parent / "_mpi")},
             "inject": _injection_for(self.campaign, q.stage, q.data_id),
             "extra": {"skymap": self.campaign.config.skymap.model_dump(mode="json"),
-                      "bands": list(self.campaign.config.bands)},
+                      "bands": list(self.campaign.config.bands), "left_out": left_out},
+            "left_out": left_out,
         }
+
+    def _can_do_without(self, consumer: str, producer: str) -> list[tuple[str, DataId]] | None:
+        """The inputs of ``consumer`` that ``producer`` writes, if the consumer's stage gathers
+        every one of them (so it may run without them); None if any of them is required."""
+        from ..stages import STAGES
+
+        c = self.graph[consumer]
+        gather = STAGES[c.stage].gather
+        keys = [key for key in c.spec.inputs if self._producer.get(key) == producer]
+        if not keys or any(t not in gather for t, _ in keys):
+            return None
+        return keys
 
     def execute(self, to_run: set[str] | None = None) -> RunResult:
         """Run ``to_run`` (default: the whole graph); quanta outside it count as done."""
@@ -210,17 +232,38 @@ class Driver:
             else:
                 if status == "failed":
                     result.failed.append(qid)
-                blocked = [d for d in self.graph.descendants([qid]) if d in pending_deps]
-                for d in blocked:
-                    pending_deps.pop(d, None)
-                    try:
-                        ready.remove(d)
-                    except ValueError:
-                        pass
-                    result.counts["blocked"] += 1
-                    if self.progress:
-                        self.progress.advance(self.graph[d].stage, "blocked")
-                self.writer.set_status(blocked, "blocked", "Blocked", f"upstream {qid} {status}: {reason}")
+                # Walk down from the failed quantum: a consumer that gathers what it lost runs
+                # without it (recorded as left out); any other consumer is blocked, and is in turn
+                # a lost producer for its own consumers.
+                why = f"upstream {qid} {status}: {reason}"
+                lost = deque([(qid, f"{status}: {reason}")])
+                blocked: list[str] = []
+                while lost:
+                    producer, cause = lost.popleft()
+                    for child in self.graph.children(producer):
+                        if child not in pending_deps or producer not in pending_deps[child]:
+                            continue
+                        keys = self._can_do_without(child, producer)
+                        if keys is not None:
+                            for key in keys:
+                                self._left_out.setdefault(child, {})[key] = {
+                                    "dataset_type": key[0], "data_id": key[1].to_dict(), "producer": producer,
+                                    "reason": cause}
+                            pending_deps[child].discard(producer)
+                            if not pending_deps[child]:
+                                ready.append(child)
+                            continue
+                        pending_deps.pop(child)
+                        try:
+                            ready.remove(child)
+                        except ValueError:
+                            pass
+                        result.counts["blocked"] += 1
+                        if self.progress:
+                            self.progress.advance(self.graph[child].stage, "blocked")
+                        blocked.append(child)
+                        lost.append((child, f"blocked by {qid}"))
+                self.writer.set_status(blocked, "blocked", "Blocked", why)
             pending_deps.pop(qid, None)
 
         def submit(qid: str) -> None:
@@ -234,7 +277,8 @@ class Driver:
             label = executor_label(site, mem_class[qid], mpi=is_mpi)
             payload = self._payload(qid, attempt, label, mem_class[qid])
             if isinstance(payload, str):
-                self.writer.set_status([qid], "blocked", "Blocked", payload)
+                self.writer.set_status([qid], "blocked", "InsufficientInputs" if payload.startswith("only ")
+                                       else "Blocked", payload)
                 finish(qid, "blocked", payload)
                 return
             self.writer.set_status([qid], "running")
@@ -286,7 +330,7 @@ class Driver:
                         elif action is Action.RETRY:
                             action = Action.FAIL  # already on the largest class the site has
                     status = {Action.SUCCEED: record["outcome"], Action.RETRY: "submitted",
-                              Action.FAIL: "failed", Action.STOP_STAGE: "failed"}[action]
+                              Action.FAIL: "failed", Action.STOP_STAGE: "failed", Action.BLOCK: "blocked"}[action]
                     self.writer.record_attempt(record, status)
                     if action is Action.SUCCEED:
                         finish(qid, record["outcome"])
@@ -296,13 +340,35 @@ class Driver:
                     else:
                         if action is Action.STOP_STAGE:
                             stopped_stages.add(self.graph[qid].stage)
-                        finish(qid, "failed", f"{record.get('error_class')}: {record.get('error_message')}")
+                        finish(qid, status, f"{record.get('error_class')}: {record.get('error_message')}")
         # Every worker of the session is gone: temporaries of killed writers (a cancelled block, a
         # lost worker) can only be leftovers now; the final files were never touched by them.
         sweep_temporaries(self.repo.root / self.run)
         if self.progress:
             self.progress.stop()
         return result
+
+
+def _below_minimum(stage: str, planned: tuple[tuple[str, DataId], ...], inputs: list[dict[str, Any]],
+                   left_out: list[dict[str, Any]]) -> str | None:
+    """Why a quantum that lost inputs cannot run (fewer than its stage's minimum of a gathered
+    type), or None.  A quantum that lost nothing is never stopped here: with all its producers
+    done it runs, and finds for itself whether there is work (NoWorkFound)."""
+    from ..stages import STAGES
+
+    if not left_out:
+        return None
+    for dtype, minimum in STAGES[stage].gather.items():
+        lost = [x for x in left_out if x["dataset_type"] == dtype]
+        if not lost:
+            continue
+        have = sum(1 for r in inputs if r["dataset_type"] == dtype)
+        if have < minimum:
+            n_planned = sum(1 for t, _ in planned if t == dtype)
+            causes = Counter(x["producer"].split(":")[0] + " " + x["reason"].split(":")[0] for x in lost)
+            return (f"only {have} of {n_planned} {dtype} inputs exist (stage {stage} needs at least {minimum}); "
+                    f"{len(lost)} left out: " + ", ".join(f"{n} {c}" for c, n in causes.most_common()))
+    return None
 
 
 def _nowork_quanta(repo: Repository, run: str) -> set[str]:

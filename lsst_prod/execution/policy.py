@@ -9,6 +9,8 @@ OutOfMemory        retry, up to ``retry.max_attempts`` (memory classes: sites)
 AlgorithmError     do not retry; downstream quanta are blocked
 UnexpectedError    an exception we did not classify: do not retry; blocked
 InvalidQuantum     do not retry; stop the stage (its unsubmitted quanta are blocked)
+InsufficientInputs a gather quantum below its stage's minimum (producers failed):
+                   not retried; the quantum is blocked (restart re-runs it)
 NoWorkFound        not a failure: the quantum succeeds with no outputs
 =================  ===========================================================
 """
@@ -25,6 +27,7 @@ class Action(enum.Enum):
     RETRY = "retry"
     FAIL = "fail"
     STOP_STAGE = "stop_stage"
+    BLOCK = "block"
 
 
 RETRYABLE = {"TransientError", "InjectedFailure", "WorkerLost"}
@@ -35,6 +38,8 @@ def decide(outcome: str, error_class: str | None, attempt: int, policy: RetryPol
         return Action.SUCCEED
     if error_class == "InvalidQuantum":
         return Action.STOP_STAGE
+    if error_class == "InsufficientInputs":
+        return Action.BLOCK
     if attempt >= policy.max_attempts:
         return Action.FAIL
     if error_class in RETRYABLE and policy.retry_transient:

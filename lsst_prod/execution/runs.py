@@ -62,6 +62,9 @@ def quanta_to_rerun(repo: Repository, run: str, graph: QuantumGraph, verify_chec
         status = {r.quantum_id: r.status for r in
                   c.execute(sa.select(quanta.c.quantum_id, quanta.c.status).where(quanta.c.run == run))}
     bad = {q.id for q in graph if status.get(q.id) not in ("succeeded", "nowork")}
+    # gather quanta that ran without some inputs: run them again on everything (their lost
+    # producers are in ``bad`` already, unless an earlier restart brought them back)
+    bad |= {qid for qid in partial_quanta(repo, run) if qid in graph}
     if verify_checksums:
         for q in graph:
             if q.id in bad or status.get(q.id) != "succeeded":
@@ -75,6 +78,22 @@ def quanta_to_rerun(repo: Repository, run: str, graph: QuantumGraph, verify_chec
                     bad.add(q.id)
                     break
     return bad | graph.descendants(bad)
+
+
+def partial_quanta(repo: Repository, run: str) -> set[str]:
+    """Quanta whose latest attempt succeeded on partial inputs (rows in ``left_out``)."""
+    from ..provenance.db import attempts, left_out
+
+    with repo.engine.connect() as c:
+        if not sa.inspect(c).has_table(left_out.name):
+            return set()
+        latest = (sa.select(attempts.c.quantum_id, sa.func.max(attempts.c.id).label("aid"))
+                  .where(attempts.c.run == run).group_by(attempts.c.quantum_id).subquery())
+        rows = c.execute(sa.select(sa.distinct(latest.c.quantum_id))
+                         .join(left_out, left_out.c.attempt_id == latest.c.aid)
+                         .join(quanta, (quanta.c.run == run) & (quanta.c.quantum_id == latest.c.quantum_id))
+                         .where(quanta.c.status.in_(("succeeded", "nowork"))))
+        return {r[0] for r in rows}
 
 
 def restart(repo: Repository, run: str, progress: Any = None, site_override: str | Path | None = None) -> RunResult:

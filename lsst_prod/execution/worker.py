@@ -176,6 +176,7 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
         "params": payload["config"],
         "versions": software_versions(),
         "inputs": payload["inputs"],
+        "left_out": payload.get("left_out") or [],
         "outputs": [],
         "summary": {},
     }
@@ -258,7 +259,8 @@ def _execute_mpi(payload: dict[str, Any], ranks: int) -> dict[str, Any]:
             "attempt": payload["attempt"], "outcome": "failed", "error_class": exc.error_class,
             "error_message": str(exc), "host": socket.gethostname(), "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "executor": payload.get("executor"),
-            "inputs": payload["inputs"], "outputs": [], "start": start, "end": _now(),
+            "inputs": payload["inputs"], "left_out": payload.get("left_out") or [], "outputs": [],
+            "start": start, "end": _now(),
             "wall_s": time.perf_counter() - t0, "params": payload["config"], "versions": software_versions(),
         }
     record["summary"] = dict(record.get("summary") or {}, mpi_ranks=n)

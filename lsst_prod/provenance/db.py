@@ -74,5 +74,22 @@ sa.Index("ix_attempt_datasets_path", attempt_datasets.c.path)
 sa.Index("ix_attempt_datasets_attempt", attempt_datasets.c.attempt_id)
 
 
+# Inputs a gather quantum's attempt ran without: planned, but their producer failed or was
+# blocked (see Stage.gather).  A table of its own so that repositories made before it gain it.
+left_out = sa.Table(
+    "left_out",
+    metadata,
+    sa.Column("attempt_id", sa.Integer, sa.ForeignKey("attempts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("run", sa.String(256), nullable=False),
+    sa.Column("quantum_id", sa.String(256), nullable=False),
+    sa.Column("dataset_type", sa.String(64), nullable=False),
+    sa.Column("data_id", sa.String(512), nullable=False),
+    sa.Column("producer", sa.String(256), nullable=False),
+    sa.Column("reason", sa.Text),
+)
+sa.Index("ix_left_out_run_quantum", left_out.c.run, left_out.c.quantum_id)
+sa.Index("ix_left_out_attempt", left_out.c.attempt_id)
+
+
 def create_tables(engine: sa.Engine) -> None:
     metadata.create_all(engine)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..repo import DataId, Repository
-from .db import attempt_datasets, attempts, quanta
+from .db import attempt_datasets, attempts, left_out, quanta
 
 STATUSES = ("succeeded", "nowork", "failed", "blocked", "running", "submitted", "planned")
 
@@ -23,6 +23,7 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
     with repo.engine.connect() as c:
         qrows = list(c.execute(sa.select(quanta).where(quanta.c.run == run).order_by(quanta.c.quantum_id)))
         arows = list(c.execute(sa.select(attempts).where(attempts.c.run == run).order_by(attempts.c.id)))
+        lrows = _left_out_rows(c, run)
     if not qrows:
         raise KeyError(f"run {run!r} has no quanta in {repo.root}")
     runs = {r["name"]: r for r in repo.registry.list_runs()}
@@ -52,6 +53,30 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
         stages[stage]["summary"] = _aggregate_summaries(
             [json.loads(r.summary) for r in rows if r.outcome == "succeeded" and r.summary]
         )
+    # inputs each quantum's latest attempt ran without (gather stages on partial inputs)
+    lost_by_attempt: dict[int, list] = defaultdict(list)
+    for r in lrows:
+        lost_by_attempt[r.attempt_id].append(r)
+    partial = []
+    for q in qrows:
+        tries = per_quantum.get(q.quantum_id, [])
+        lost = lost_by_attempt.get(tries[-1].id, []) if tries else []
+        s_ = stages[q.stage]
+        s_.setdefault("partial", 0)
+        s_.setdefault("inputs_left_out", 0)
+        if not lost or q.status not in ("succeeded", "nowork"):
+            continue
+        s_["partial"] += 1
+        s_["inputs_left_out"] += len(lost)
+        partial.append({
+            "quantum_id": q.quantum_id,
+            "stage": q.stage,
+            "data_id": DataId.from_key(q.data_id).to_dict(),
+            "n_left_out": len(lost),
+            "left_out": [{"dataset_type": r.dataset_type, "data_id": DataId.from_key(r.data_id).to_dict(),
+                          "producer": r.producer, "reason": r.reason} for r in lost],
+            "why": _summarise_causes(lost),
+        })
     failures = []
     for q in qrows:
         if q.status in ("failed", "blocked"):
@@ -69,6 +94,8 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
                 "error_message": q.error_message,
                 "error_metadata": meta,
             })
+    # failures first (the causes), then what they blocked
+    failures.sort(key=lambda f: (f["status"] != "failed", f["quantum_id"]))
     starts = [a.start for a in arows if a.start]
     ends = [a.end for a in arows if a.end]
     report: dict[str, Any] = {
@@ -81,8 +108,11 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
         "totals": {k: sum(s.get(k, 0) for s in stages.values()) for k in ("quanta", *STATUSES)},
         "stages": stages,
         "failures": failures,
+        "partial": partial,
     }
     report["totals"]["attempts"] = len(arows)
+    report["totals"]["partial"] = len(partial)
+    report["totals"]["inputs_left_out"] = sum(p["n_left_out"] for p in partial)
     report["complete"] = report["totals"]["quanta"] == report["totals"]["succeeded"] + report["totals"]["nowork"]
     if with_quanta:
         report["quanta"] = [
@@ -93,6 +123,12 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
                 "status": q.status,
                 "slurm_job_id": per_quantum[q.quantum_id][-1].slurm_job_id if per_quantum.get(q.quantum_id) else None,
                 "node": per_quantum[q.quantum_id][-1].node if per_quantum.get(q.quantum_id) else None,
+                "left_out": [
+                    {"dataset_type": r.dataset_type, "data_id": DataId.from_key(r.data_id).to_dict(),
+                     "producer": r.producer, "reason": r.reason}
+                    for r in (lost_by_attempt.get(per_quantum[q.quantum_id][-1].id, [])
+                              if per_quantum.get(q.quantum_id) else [])
+                ],
                 "attempts": [
                     {
                         "attempt": a.attempt, "outcome": a.outcome, "error_class": a.error_class,
@@ -108,6 +144,33 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
             for q in qrows
         ]
     return report
+
+
+def _left_out_rows(conn, run: str) -> list:
+    """Rows of the ``left_out`` table for ``run`` (none in a repository made before it existed)."""
+    if not sa.inspect(conn).has_table(left_out.name):
+        return []
+    return list(conn.execute(sa.select(left_out).where(left_out.c.run == run)))
+
+
+def _summarise_causes(rows) -> str:
+    """'5 source, 5 ccdVisit (single_frame failed: AlgorithmError)' from left_out rows."""
+    by_cause: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        cause = (r.reason or "").split(":")[0].strip() or "?"
+        detail = (r.reason or "").split(":")[1].strip() if ":" in (r.reason or "") else ""
+        key = f"{r.producer.split(':')[0]} {cause}" + (f": {detail}" if detail else "")
+        by_cause[key][r.dataset_type] += 1
+    return "; ".join(", ".join(f"{n} {t}" for t, n in types.items()) + f" ({cause})"
+                     for cause, types in by_cause.items())
+
+
+def left_out_summary(repo: Repository, run: str) -> dict[str, Any]:
+    """Per stage, how many quanta ran on partial inputs and how many inputs they left out, plus
+    failed/blocked counts (``validate`` prints it beside the metrics it computed on what exists)."""
+    rep = build_report(repo, run, with_quanta=False)
+    return {stage: {k: s.get(k, 0) for k in ("quanta", "failed", "blocked", "partial", "inputs_left_out")}
+            for stage, s in rep["stages"].items()}
 
 
 def _aggregate_summaries(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from ..repo import DataId, DatasetRef, Repository
 from ..repo.registry import utcnow
-from .db import attempt_datasets, attempts, quanta
+from .db import attempt_datasets, attempts, left_out, quanta
 
 
 class ProvenanceWriter:
@@ -23,6 +23,7 @@ class ProvenanceWriter:
         self.repo = repo
         self.run = run
         self.engine = repo.engine
+        left_out.create(self.engine, checkfirst=True)  # repositories made before the table existed
 
     def plan(self, graph, campaign_info: dict[str, Any] | None) -> None:
         """Create the run and one 'planned' row per quantum (keeps existing rows on restart)."""
@@ -96,6 +97,14 @@ class ProvenanceWriter:
             ]
             if rows:
                 c.execute(attempt_datasets.insert(), rows)
+            lost = [
+                {"attempt_id": attempt_id, "run": self.run, "quantum_id": record["quantum_id"],
+                 "dataset_type": x["dataset_type"], "data_id": DataId(x["data_id"]).key(),
+                 "producer": x["producer"], "reason": x.get("reason")}
+                for x in record.get("left_out") or []
+            ]
+            if lost:
+                c.execute(left_out.insert(), lost)
             if record["outcome"] == "succeeded" and outputs:
                 self.repo.registry.register(outputs, conn=c)
             c.execute(

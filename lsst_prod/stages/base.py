@@ -77,6 +77,12 @@ class QuantumContext:
     def input_path(self, dataset_type: str, data_id: Mapping[str, Any] | None = None) -> Path:
         return self.repo.path_of(self.input_ref(dataset_type, data_id))
 
+    @property
+    def left_out(self) -> list[dict[str, Any]]:
+        """Inputs planned for this quantum that it runs without (their producers failed):
+        ``[{"dataset_type", "data_id", "producer", "reason"}]`` (empty for a complete quantum)."""
+        return list(self.extra.get("left_out") or [])
+
     def inputs_of(self, dataset_type: str) -> list[DatasetRef]:
         return sorted((ref for (t, _), ref in self.inputs.items() if t == dataset_type), key=lambda r: r.data_id)
 
@@ -97,6 +103,14 @@ class Stage(ABC):
     output_types: ClassVar[tuple[str, ...]]
     resources: ClassVar[Resources] = Resources()
     description: ClassVar[str] = ""
+    #: Inputs this stage *gathers* from many producers: dataset type -> the minimum number of
+    #: them a quantum needs.  When a producer of such an input fails (or is blocked), the
+    #: quantum runs on what exists and the missing input is recorded as left out; only below
+    #: the minimum is the quantum blocked.  Every input type not listed here is required: a
+    #: failed producer of it blocks the quantum.  A stage with a finer minimum (per band, per
+    #: reference star...) raises :class:`~lsst_prod.errors.InsufficientInputs` from
+    #: ``run_quantum``.
+    gather: ClassVar[Mapping[str, int]] = {}
 
     @abstractmethod
     def plan(self, ctx: "PlanningContext", config: StageConfig) -> list[QuantumSpec]:

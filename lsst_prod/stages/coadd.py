@@ -56,6 +56,7 @@ class WarpStage(Stage):
     dimensions = ("instrument", "visit", "skymap", "tract", "patch")
     input_types = ("calexp", "relcal_solution")
     output_types = ("warp",)
+    gather = {"calexp": 1}  # the visit's detectors over the patch that succeeded
     resources = Resources(cores=1, memory_gib=2.0)
     description = "resample the calexps of a visit onto a patch (nJy)"
 
@@ -136,6 +137,7 @@ class CoaddStage(Stage):
     dimensions = ("skymap", "tract", "patch", "band")
     input_types = ("warp",)
     output_types = ("coadd", "coadd_bestSeeing")
+    gather = {"warp": 1}
     resources = Resources(cores=1, memory_gib=4.0)
     description = "stack warps with PSF-matched outlier rejection; coadd PSF model"
 

@@ -48,6 +48,7 @@ class ObjectsStage(Stage):
     dimensions = ("skymap", "tract", "patch")
     input_types = ("coadd",)
     output_types = ("object",)
+    gather = {"coadd": 1}  # the bands whose coadd exists
     resources = Resources(cores=1, memory_gib=4.0)
     description = "coadd detection, cross-band merge, deblending, per-band measurement -> Object"
 
@@ -179,6 +180,7 @@ class ForcedStage(Stage):
     dimensions = ("instrument", "visit", "detector")
     input_types = ("calexp", "object", "relcal_solution")
     output_types = ("forcedSource",)
+    gather = {"object": 1}  # the patches over the detector whose objects exist
     resources = Resources(cores=1, memory_gib=2.0)
     description = "PSF photometry at every object's position on every calexp -> ForcedSource"
 

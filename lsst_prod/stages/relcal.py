@@ -40,7 +40,7 @@ from ..algorithms.relcal import (
     select_good_sources,
 )
 from ..config.stages import RelcalConfig
-from ..errors import AlgorithmError
+from ..errors import AlgorithmError, InsufficientInputs
 from ..repo import DataId
 from ..repo.formats import read_columns, read_parquet, table_columns, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
@@ -84,11 +84,30 @@ def _allreduce_sum(comm):
 
 
 
+def _left_out_note(ctx: QuantumContext) -> str:
+    n = len({(x["data_id"].get("visit"), x["data_id"].get("detector")) for x in ctx.left_out})
+    return f" ({n} detector-visits left out: their single_frame quanta failed)" if n else ""
+
+
+def _check_band_coverage(ctx: QuantumContext, bands: np.ndarray, visits: list[int], min_visits: int) -> None:
+    """Every band with data needs ``min_visits`` visits for a relative calibration (a band whose
+    every detector-visit failed has no data: its warps are blocked through their calexps)."""
+    for band in sorted(set(bands.tolist())):
+        n = len({v for v, b in zip(visits, bands) if b == band})
+        if n < min_visits:
+            raise InsufficientInputs(f"band {band}: {n} visits with a successful single-frame quantum "
+                                     f"(minimum {min_visits})" + _left_out_note(ctx),
+                                     band=band, n_visits=n, minimum=min_visits, n_left_out=len(ctx.left_out))
+
+
 class RelcalStage(Stage):
     name = "relcal"
     dimensions = ("instrument",)
     input_types = ("source", "ccdVisit", "refcat")
     output_types = ("relcal_solution", "source_calibrated")
+    # runs on the detector-visits that succeeded; per band it also needs min_visits_per_band visits
+    # and min_reference_stars_per_band matched reference stars (InsufficientInputs otherwise)
+    gather = {"source": 2, "ccdVisit": 2}
     resources = Resources(cores=2, memory_gib=4.0, walltime_s=3600, mpi_ranks=2)
     description = "global relative photometric and astrometric calibration (MPI)"
 
@@ -118,6 +137,7 @@ class RelcalStage(Stage):
                        np.array([float(c["ra"][0]) for c in ccd_rows]), np.array([float(c["dec"][0]) for c in ccd_rows]),
                        np.array([int(c["xSize"][0]) for c in ccd_rows]), np.array([int(c["ySize"][0]) for c in ccd_rows]),
                        10 ** (-0.4 * (zp_sf - 31.4)))
+        _check_band_coverage(ctx, bands, [int(c["visitId"][0]) for c in ccd_rows], cfg.min_visits_per_band)
         src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
         keys = [(int(c["visitId"][0]), int(c["detector"][0])) for c in ccd_rows]
         mine = [k for k in range(len(keys)) if k % size == rank]
@@ -181,6 +201,12 @@ class RelcalStage(Stage):
             part = make_photometric_part(cv_b, pairs, kmap[S["k"][R][mine_b]], smap[sidx[mine_b]],
                                          S["psfFlux"][R][mine_b], S["psfFluxErr"][R][mine_b],
                                          error_floor_mag=cfg.phot_error_floor_mag)
+            n_ref_b = int(np.count_nonzero(match.star_ref_index[stars_b] >= 0))
+            if n_ref_b < cfg.min_reference_stars_per_band:
+                raise InsufficientInputs(
+                    f"band {band}: {n_ref_b} reference stars matched (minimum {cfg.min_reference_stars_per_band})"
+                    + _left_out_note(ctx), band=band, n_reference_stars=n_ref_b,
+                    minimum=cfg.min_reference_stars_per_band, n_left_out=len(ctx.left_out))
             ref_mag, ref_err = reference_magnitudes(match.star_ref_index[stars_b], ref[f"{band}_flux"],
                                                     ref[f"{band}_fluxErr"], usable=~is_var)
             sol = fit_photometry(part, cv_b, ref_mag, ref_err, nsigma=cfg.nsigma, max_iter=cfg.max_iter,

@@ -16,6 +16,7 @@ class VisitSummaryStage(Stage):
     dimensions = ("instrument", "visit")
     input_types = ("raw", "ccdVisit")
     output_types = ("visitSummary",)
+    gather = {"ccdVisit": 1}  # a visit summary of the detectors that succeeded
     resources = Resources(cores=1, memory_gib=0.5, walltime_s=300)
     description = "Visit table row (pointing, time, conditions) from the raw header and CcdVisit rows"
 
