@@ -107,7 +107,8 @@ def truth_and_eligibility(repo, run: str, coadds: dict) -> dict:
     from lsst_prod.repo.formats import read_exposure
     from lsst_prod.skymap import SkyMap
     from lsst_prod.stages.common import wcs_from_header
-    from lsst_prod.validate.objects import _cols, _run_skymap
+    from lsst_prod.repo.formats import read_columns as _cols
+    from lsst_prod.validate.objects import _run_skymap
 
     truth = _cols(repo.get_path("truth_objects", {}, ["truth"]))
     mjds, noise, fwhm, covered = [], {}, {}, {}
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     from lsst_prod.repo import Repository
     from lsst_prod.repo.formats import read_exposure
     from lsst_prod.stages.common import wcs_from_header
-    from lsst_prod.validate.objects import MATCH_ARCSEC, _cols, object_metrics
+    from lsst_prod.repo.formats import read_columns as _cols
+    from lsst_prod.validate.objects import MATCH_ARCSEC, object_metrics
 
     started = _dt.datetime.now(_dt.timezone.utc)
     root = args.repo.resolve()

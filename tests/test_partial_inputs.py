@@ -5,6 +5,8 @@ quanta downstream of it, which then run on everything."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from _helpers import last_line, report_json, write_campaign
@@ -53,6 +55,12 @@ def test_failed_single_frame_leaves_the_release_running(workdir, capsys):
     assert sorted(x["dataset_type"] for x in relcal["left_out"]) == ["ccdVisit", "source"]
     assert all(x["producer"] == failed_id and "AlgorithmError" in x["reason"] for x in relcal["left_out"])
     assert report["totals"]["partial"] >= 2
+    # validate computes its metrics on what exists and says what was left out
+    capsys.readouterr()
+    main(["validate", run, "--repo", str(repo_path), "--json"])
+    lo = json.loads(capsys.readouterr().out)["left_out"]
+    assert lo["single_frame"]["failed"] == 1
+    assert lo["relcal"]["partial"] == 1 and lo["relcal"]["inputs_left_out"] == 2
 
     # restart: exactly the failed quantum and everything downstream of it (the gathers among them)
     repo = Repository.open(repo_path)

@@ -9,16 +9,22 @@ the WCS absorbs as a plate-scale/offset term over a CCD).
 
 1. project the reference stars and the sources (through the raw-header WCS)
    onto the tangent plane at the detector centre;
-2. find the pointing error by voting: a 2-D histogram of the offsets between
-   every bright source and every bright reference star within the search radius
-   has a sharp peak at the true offset (robust to distortion and rotation, which
-   only blur the peak by ~1");
+2. find the similarity (pointing offset, rotation about the boresight, scale)
+   between them: first by voting -- for each trial rotation, a 2-D histogram of
+   the offsets between bright sources and reference stars has a sharp peak at
+   the true offset -- and, if that candidate is not verified, by matching
+   triangles of bright stars (:mod:`.pattern_match`).  Every candidate is
+   verified: the number of matches must be far above the chance expectation
+   (Poisson, times the number of hypotheses searched);
 3. iterate: match sources to reference stars (mutual nearest within a radius that
-   shrinks with the fit rms), fit the pixel -> tangent-plane mapping as a
-   polynomial by linear least squares (order 1 first, then ``sip_order``) with
-   sigma clipping;
+   shrinks with the fit rms), fit the pixel -> tangent-plane mapping (a
+   similarity of the header WCS with few stars, else a polynomial up to
+   ``sip_order``, chosen by BIC) by linear least squares with sigma clipping;
 4. re-centre the tangent point on the detector centre and express the polynomial
    as CD matrix + SIP A/B (and an AP/BP inverse fitted on a grid).
+
+:func:`reserve_mask` picks the reference stars held out of the fit (the same in
+every visit); :func:`match_to_reference` matches calibrated positions to them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ..errors import AlgorithmError
+from .pattern_match import (
+    Footprint,
+    SearchSpace,
+    Similarity,
+    Verification,
+    mutual_nearest,
+    triangle_candidates,
+    verify_transform,
+)
 
 MAS = np.pi / 180.0 / 3.6e6  # radians per milliarcsecond
 JULIAN_YEAR_DAYS = 365.25
@@ -129,17 +144,12 @@ class AstrometricSolution:
     matched_ref_index: np.ndarray = field(repr=False)
     initial_offset_arcsec: tuple[float, float] = (0.0, 0.0)
     sip_order: int = 0
-
-
-def _match(sx, sy, tree: cKDTree, radius: float):
-    """Mutual-unique nearest neighbours within ``radius``: (src index, ref index)."""
-    dist, ref = tree.query(np.column_stack([sx, sy]), distance_upper_bound=radius)
-    src = np.flatnonzero(np.isfinite(dist))
-    ref, dist = ref[src], dist[src]
-    order = np.argsort(dist)
-    _, first = np.unique(ref[order], return_index=True)  # closest source wins each reference
-    keep = order[first]
-    return src[keep], ref[keep]
+    initial_rotation_deg: float = 0.0
+    initial_scale: float = 1.0
+    match_method: str = "vote"
+    n_verified: int = 0
+    n_expected_chance: float = float("nan")
+    log10_false_alarm: float = float("nan")
 
 
 def _fit_poly(u_, v_, xi, eta, terms, nsigma: float, n_clip: int = 5):
@@ -158,18 +168,128 @@ def _fit_poly(u_, v_, xi, eta, terms, nsigma: float, n_clip: int = 5):
     return cx, cy, keep
 
 
-def _choose_order(u_, v_, xi, eta, max_order: int) -> int:
-    """Polynomial order (<= max_order, >= 2 matches per coefficient) with the lowest BIC."""
-    best, best_bic = 1, np.inf
-    for order in range(1, max_order + 1):
-        design = _poly_design(u_, v_, _poly_terms(order))
-        if len(u_) < 2 * design.shape[1]:
+def _similarity_design(U, V):
+    """Rows for xi (first n) and eta (last n) of the 4-parameter similarity (a, b, p, q):
+    xi = a + p U - q V, eta = b + q U + p V."""
+    one, zero = np.ones_like(U), np.zeros_like(U)
+    return np.vstack([np.column_stack([one, zero, U, -V]), np.column_stack([zero, one, V, U])])
+
+
+def _fit_model(order, u_, v_, U, V, xi, eta, nsigma: float, n_clip: int = 5):
+    """Fit (order 0: a similarity of the header-WCS plane coordinates U, V; order >= 1: a
+    polynomial in the pixel variables u, v) with sigma clipping.  Returns (coef, kept mask)."""
+    if order >= 1:
+        cx, cy, keep = _fit_poly(u_, v_, xi, eta, _poly_terms(order), nsigma, n_clip)
+        return (cx, cy), keep
+    keep = np.ones(len(U), bool)
+    for _ in range(n_clip):
+        coef, *_ = np.linalg.lstsq(_similarity_design(U[keep], V[keep]), np.r_[xi[keep], eta[keep]], rcond=None)
+        pxi, peta = _predict(0, coef, u_, v_, U, V)
+        res = np.hypot(xi - pxi, eta - peta)
+        sigma = 1.4826 * np.median(res[keep]) / 1.1774
+        new_keep = res <= nsigma * max(sigma, 1e-4) * 1.1774
+        if np.array_equal(new_keep, keep) or new_keep.sum() < 4:
             break
-        rss = sum(float(np.sum((design @ np.linalg.lstsq(design, t, rcond=None)[0] - t) ** 2)) for t in (xi, eta))
-        n, k = 2 * len(u_), 2 * design.shape[1]
+        keep = new_keep
+    return coef, keep
+
+
+def _predict(order, coef, u_, v_, U, V):
+    if order >= 1:
+        design = _poly_design(u_, v_, _poly_terms(order))
+        return design @ coef[0], design @ coef[1]
+    a, b, p, q = coef
+    return a + p * U - q * V, b + q * U + p * V
+
+
+def _n_params(order: int) -> int:
+    """Coefficients per axis (the similarity has 4 in all, i.e. 2 per axis)."""
+    return 2 if order == 0 else len(_poly_terms(order))
+
+
+def _choose_order(u_, v_, U, V, xi, eta, max_order: int) -> int:
+    """Model order (0 = similarity, <= max_order, >= 2 matches per coefficient) with the lowest BIC."""
+    best, best_bic = 0, np.inf
+    for order in range(0, max_order + 1):
+        if len(u_) < 2 * _n_params(order):
+            break
+        coef, _ = _fit_model(order, u_, v_, U, V, xi, eta, nsigma=np.inf, n_clip=1)
+        pxi, peta = _predict(order, coef, u_, v_, U, V)
+        rss = float(np.sum((pxi - xi) ** 2 + (peta - eta) ** 2))
+        n, k = 2 * len(u_), 2 * _n_params(order)
         bic = n * np.log(max(rss, 1e-30) / n) + k * np.log(n)
         if bic < best_bic:
             best, best_bic = order, bic
+    return best
+
+
+def _similarity_to_linear(coef, initial_wcs: WCS, plane, centre, scale, shape):
+    """Order-1 polynomial coefficients in (u, v) equal to a similarity of the header-WCS plane
+    coordinates (the header WCS is TAN, so U, V are linear in pixels to < 1e-6 arcsec here)."""
+    ny, nx = shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
+    gx, gy = gx.ravel(), gy.ravel()
+    U, V = _project(*initial_wcs.all_pix2world(gx, gy, 0), *plane)
+    pxi, peta = _predict(0, coef, None, None, U, V)
+    design = _poly_design((gx - centre[0]) / scale, (gy - centre[1]) / scale, _poly_terms(1))
+    cx, *_ = np.linalg.lstsq(design, pxi, rcond=None)
+    cy, *_ = np.linalg.lstsq(design, peta, rcond=None)
+    return cx, cy
+
+
+def reserve_mask(ref_id: np.ndarray, fraction: float, salt: int = 0x5EED_A57E) -> np.ndarray:
+    """Deterministic reservation of reference stars: True for about ``fraction`` of ids.
+
+    A 64-bit integer hash (splitmix64 finaliser) of the id, mapped to [0, 1):
+    the same star is reserved in every visit, on every machine.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(ref_id).astype(np.int64).view(np.uint64) ^ np.uint64(salt)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
+
+
+def match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual-unique nearest (source index, reference index) pairs within ``radius_arcsec`` on the sky."""
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    ref_ra, ref_dec = np.asarray(ref_ra, float), np.asarray(ref_dec, float)
+    if len(ra) == 0 or len(ref_ra) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ok = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    ra0, dec0 = float(np.median(ref_ra)), float(np.median(ref_dec))
+    sxi, seta = _project(ra[ok], dec[ok], ra0, dec0)
+    rxi, reta = _project(ref_ra, ref_dec, ra0, dec0)
+    si, ri = mutual_nearest(sxi, seta, cKDTree(np.column_stack([rxi, reta])), radius_arcsec)
+    return ok[si], ri
+
+
+def _vote(bx, by, rx, ry, pivot: complex, radius: float, rotations: np.ndarray, bin_size: float = 0.5):
+    """Offset vote for each trial rotation about ``pivot``; the best (significance, similarity, n_peak)."""
+    tree_r = cKDTree(np.column_stack([rx, ry]))
+    nb = int(np.ceil(2 * radius / bin_size))
+    best = (-np.inf, Similarity(), 0)
+    zs = bx + 1j * by
+    for theta in rotations:
+        z = np.exp(1j * theta) * (zs - pivot) + pivot
+        pairs = cKDTree(np.column_stack([z.real, z.imag])).sparse_distance_matrix(tree_r, radius, output_type="ndarray")
+        if len(pairs) == 0:
+            continue
+        dxi, deta = rx[pairs["j"]] - z.real[pairs["i"]], ry[pairs["j"]] - z.imag[pairs["i"]]
+        ix = np.clip(((dxi + radius) / bin_size).astype(np.int64), 0, nb - 1)
+        iy = np.clip(((deta + radius) / bin_size).astype(np.int64), 0, nb - 1)
+        hist = np.bincount(ix * nb + iy, minlength=nb * nb).reshape(nb, nb).astype(float)
+        smooth = ndimage.uniform_filter(hist, size=3, mode="constant") * 9  # counts in 1.5" boxes
+        i, j = np.unravel_index(np.argmax(smooth), smooth.shape)
+        background = len(pairs) * (3 * bin_size) ** 2 / (np.pi * radius**2)  # chance pairs per box
+        significance = (smooth[i, j] - background) / np.sqrt(background + 1.0)
+        if significance > best[0]:
+            peak = np.array([(i + 0.5) * bin_size - radius, (j + 0.5) * bin_size - radius])
+            close = np.hypot(dxi - peak[0], deta - peak[1]) < 2.0
+            shift = complex(np.median(dxi[close]), np.median(deta[close]))
+            best = (float(significance), Similarity.about(float(theta), shift, pivot), int(close.sum()))
     return best
 
 
@@ -181,13 +301,18 @@ def fit_wcs(
     ref_ra: np.ndarray,
     ref_dec: np.ndarray,
     ref_mag: np.ndarray,
-    search_radius_arcsec: float = 10.0,
+    search_radius_arcsec: float = 80.0,
     sip_order: int = 3,
     detector_shape: tuple[int, int] | None = None,
     n_bright: int = 200,
-    min_matches: int = 10,
+    min_matches: int = 5,
     nsigma: float = 3.0,
     max_iter: int = 12,
+    max_rotation_deg: float = 1.5,
+    max_scale_error: float = 0.01,
+    match_tolerance_arcsec: float = 1.5,
+    max_false_alarm: float = 1e-6,
+    method: str = "auto",
 ) -> AstrometricSolution:
     """Fit a TAN-SIP WCS of one detector to a reference catalogue.
 
@@ -196,21 +321,33 @@ def fit_wcs(
     x, y, flux:
         Source centroids (0-based pixels) and fluxes (any unit; only used to rank).
     initial_wcs:
-        TAN WCS from the raw header (pointing error up to ~search radius).
+        TAN WCS from the raw header.  Its reference point (CRVAL) is taken as the
+        rotator axis (the boresight, for raw headers).
     ref_ra, ref_dec, ref_mag:
         Reference stars at the epoch of the exposure (deg, deg, mag).
-    search_radius_arcsec:
-        Largest pointing error searched by the offset vote.
+    search_radius_arcsec, max_rotation_deg, max_scale_error:
+        Largest pointing error (shift of the boresight), rotator error (about
+        the boresight) and plate-scale error searched.
     sip_order:
         Largest total order of the pixel -> sky polynomial (1 = plain TAN); the
         order used is the one with the lowest BIC among those with at least two
-        matches per coefficient.
+        matches per coefficient (order 0: a similarity of the header WCS).
     detector_shape:
         (ny, nx); default ``initial_wcs.pixel_shape`` or the sources' extent.
+    match_tolerance_arcsec, max_false_alarm:
+        A candidate solution is accepted when, matching within the tolerance, the
+        probability of as many matches by chance (times the number of independent
+        hypotheses searched) is below ``max_false_alarm``.
+    method:
+        ``"auto"`` (rotation-scanned offset vote, then triangle pattern matching
+        if the vote's candidate is not verified), ``"vote"`` or ``"pattern"``.
 
-    Raises :class:`~lsst_prod.errors.AlgorithmError` (metadata ``n_matched``) with
-    fewer than ``min_matches`` matches.
+    Raises :class:`~lsst_prod.errors.AlgorithmError` (metadata ``n_matched``, and
+    for an unverified match ``n_expected``, ``log10_false_alarm``) when no
+    verified solution with at least ``min_matches`` matches exists.
     """
+    if method not in ("auto", "vote", "pattern"):
+        raise ValueError(f"method must be 'auto', 'vote' or 'pattern', not {method!r}")
     x, y, flux = np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float)
     ref_ra, ref_dec, ref_mag = np.asarray(ref_ra, float), np.asarray(ref_dec, float), np.asarray(ref_mag, float)
     if detector_shape is None:
@@ -224,62 +361,105 @@ def fit_wcs(
     ra0, dec0 = (float(v) for v in initial_wcs.all_pix2world([[xc, yc]], 0)[0])
     ok_src = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
     src_idx = np.flatnonzero(ok_src)
+    src_idx = src_idx[np.argsort(-flux[src_idx], kind="stable")]  # brightest first
     sra, sdec = initial_wcs.all_pix2world(x[src_idx], y[src_idx], 0)
     sxi, seta = _project(sra, sdec, ra0, dec0)
     rxi, reta = _project(ref_ra, ref_dec, ra0, dec0)
-    # reference stars that can land on the detector: its tangent-plane box plus the search radius
+    # the detector in the header-WCS plane, and the rotator axis
     cxi, ceta = _project(*initial_wcs.all_pix2world([0, nx - 1, 0, nx - 1], [0, 0, ny - 1, ny - 1], 0), ra0, dec0)
-    margin = search_radius_arcsec + 2.0
+    corners = cxi + 1j * ceta
+    footprint = Footprint(corners[0], corners[1] - corners[0], corners[2] - corners[0])
+    pivot = complex(*_project(*(float(v) for v in initial_wcs.wcs.crval), ra0, dec0))
+    r_det = footprint.half_diagonal
+    d_axis = abs(footprint.centre - pivot)  # a rotation about the axis also moves the detector by theta * d_axis
+    theta_max = np.deg2rad(max_rotation_deg)
+    tol = float(match_tolerance_arcsec)
+    # reference stars that can land on the detector under any searched hypothesis
+    margin = search_radius_arcsec + theta_max * (d_axis + r_det) + max_scale_error * r_det + tol + 2.0
     ref_ok = np.isfinite(rxi) & np.isfinite(reta) & (np.abs(rxi) < np.abs(cxi).max() + margin)
     ref_ok &= np.abs(reta) < np.abs(ceta).max() + margin
     ref_idx = np.flatnonzero(ref_ok)
+    ref_idx = ref_idx[np.argsort(np.nan_to_num(ref_mag[ref_idx], nan=99.0), kind="stable")]  # brightest first
     if len(src_idx) < min_matches or len(ref_idx) < min_matches:
         raise AlgorithmError(
             "too few sources or reference stars for astrometry",
             n_matched=0, n_sources=int(len(src_idx)), n_refs=int(len(ref_idx)),
         )  # fmt: skip
+    rx, ry = rxi[ref_idx], reta[ref_idx]
+    ref_tree = cKDTree(np.column_stack([rx, ry]))
+    # the detector centre moves by up to the pointing error plus theta * d_axis
+    search = SearchSpace(search_radius_arcsec + theta_max * d_axis, theta_max, max_scale_error, r_det)
 
-    # --- 1. pointing offset by voting -------------------------------------------------
-    bs = np.argsort(-flux[src_idx])[:n_bright]
-    br = ref_idx[np.argsort(np.nan_to_num(ref_mag[ref_idx], nan=99.0))[: max(n_bright, len(bs))]]
-    dxi = rxi[br][None, :] - sxi[bs][:, None]
-    deta = reta[br][None, :] - seta[bs][:, None]
-    near = np.hypot(dxi, deta) < search_radius_arcsec
-    bin_size = 0.5
-    nb = int(np.ceil(2 * search_radius_arcsec / bin_size))
-    hist, edges, _ = np.histogram2d(
-        dxi[near], deta[near], bins=nb, range=[[-search_radius_arcsec, search_radius_arcsec]] * 2
-    )
-    smooth = ndimage.uniform_filter(hist, size=3, mode="constant") * 9  # counts in 1.5" boxes
-    i, j = np.unravel_index(np.argmax(smooth), smooth.shape)
-    peak = np.array([edges[i] + bin_size / 2, edges[j] + bin_size / 2])
-    close = near & (np.hypot(dxi - peak[0], deta - peak[1]) < 2.0)
-    background = float(np.mean(smooth))  # chance pairs per box
-    significance = (smooth[i, j] - background) / np.sqrt(background + 1.0)
-    if close.sum() < min_matches or significance < 6.0:
+    def verify(transform: Similarity) -> Verification:
+        return verify_transform(transform, sxi, seta, rx, ry, footprint, tolerance=tol, search=search,
+                                max_false_alarm=max_false_alarm, min_matches=min_matches, ref_tree=ref_tree)
+
+    # --- 1. a verified similarity: offset vote over trial rotations, then triangles ----
+    tried: list[tuple[str, Verification]] = []
+    accepted: tuple[str, Verification] | None = None
+    if method in ("auto", "vote"):
+        step = min(1.0 / max(r_det, 1.0), 2 * theta_max + 1e-12)  # blur <= 0.5" at the corners
+        n_rot = int(np.ceil(theta_max / step))
+        rotations = np.linspace(-n_rot * step, n_rot * step, 2 * n_rot + 1) if n_rot else np.zeros(1)
+        radius = search_radius_arcsec + 0.5 * step * d_axis + 2.0
+        nb = min(n_bright, len(sxi))
+        n_vr = 4 * n_bright  # the brightest sources' counterparts, over a region a few times the detector
+        significance, transform, _ = _vote(sxi[:nb], seta[:nb], rx[:n_vr], ry[:n_vr], pivot, radius, rotations)
+        if np.isfinite(significance):
+            result = verify(transform)
+            tried.append(("vote", result))
+            if result.accepted:
+                accepted = ("vote", result)
+    if accepted is None and method in ("auto", "pattern"):
+        # The brightest sources against windows of reference stars in brightness rank: the
+        # brightest reference stars are often saturated, hence missing from the sources.
+        n_s, n_r = 30, 50
+        starts = [0] + [s0 for s0 in (n_r // 2, n_r, 2 * n_r, 4 * n_r) if s0 + n_r // 2 < len(rx)]
+        for s0 in starts:
+            candidates = triangle_candidates(
+                sxi[:n_s], seta[:n_s], rx[s0 : s0 + n_r], ry[s0 : s0 + n_r], tolerance=tol,
+                max_rotation_rad=theta_max, max_scale_error=max_scale_error, max_shift=search_radius_arcsec + tol,
+                pivot=pivot, radius=r_det,
+            )  # fmt: skip
+            for transform, _support in candidates:
+                result = verify(transform)
+                tried.append(("pattern", result))
+                if result.accepted:  # the most supported verified candidate
+                    accepted = ("pattern", result)
+                    break
+            if accepted is not None:
+                break
+    if accepted is None:
+        best = min(tried, key=lambda t: (t[1].log10_false_alarm, -t[1].n_matched))[1] if tried else None
         raise AlgorithmError(
-            "no consistent pointing offset found", n_matched=int(close.sum()), significance=float(significance)
-        )
-    offset = np.array([np.median(dxi[close]), np.median(deta[close])])
+            "no verified astrometric match (pointing offset, rotation) found",
+            n_matched=int(best.n_matched) if best else 0,
+            n_expected=round(float(best.n_expected), 3) if best else float("nan"),
+            log10_false_alarm=round(float(best.log10_false_alarm), 2) if best else 0.0,
+            n_sources=int(len(src_idx)), n_refs=int(len(ref_idx)), methods="+".join(sorted({t[0] for t in tried})),
+        )  # fmt: skip
+    method_used, verified = accepted
+    transform = verified.transform
 
     # --- 2. match and fit, shrinking the radius -------------------------------------
-    tree = cKDTree(np.column_stack([rxi[ref_idx], reta[ref_idx]]))
     u_, v_ = (x[src_idx] - xc) / scale, (y[src_idx] - yc) / scale
-    pred_xi, pred_eta = sxi + offset[0], seta + offset[1]
-    radius, order, prev = 2.0, 1, None  # first pass: 2" radius, linear fit
+    U, V = sxi, seta
+    pred_xi, pred_eta = transform.apply(sxi, seta)
+    radius = 2.0
+    order = 1 if verified.n_matched >= 2 * _n_params(1) else 0
+    prev = None
     for _ in range(max_iter):
-        ms, mr = _match(pred_xi, pred_eta, tree, radius)
+        ms, mr = mutual_nearest(pred_xi, pred_eta, ref_tree, radius)
         fit_order = order
-        if len(ms) < max(min_matches, len(_poly_terms(fit_order)) + 2):
+        if len(ms) < max(min_matches, 2 * _n_params(fit_order)):
             raise AlgorithmError("too few astrometric matches", n_matched=int(len(ms)))
-        terms = _poly_terms(fit_order)
-        cx, cy, keep = _fit_poly(u_[ms], v_[ms], rxi[ref_idx[mr]], reta[ref_idx[mr]], terms, nsigma)
-        design_all = _poly_design(u_, v_, terms)
-        pred_xi, pred_eta = design_all @ cx, design_all @ cy
-        res = np.hypot(pred_xi[ms] - rxi[ref_idx[mr]], pred_eta[ms] - reta[ref_idx[mr]])[keep]
+        coef, keep = _fit_model(fit_order, u_[ms], v_[ms], U[ms], V[ms], rx[mr], ry[mr], nsigma)
+        pred_xi, pred_eta = _predict(fit_order, coef, u_, v_, U, V)
+        res = np.hypot(pred_xi[ms] - rx[mr], pred_eta[ms] - ry[mr])[keep]
         rms = float(np.sqrt(np.mean(res**2)))
         radius = float(np.clip(5.0 * rms, 0.5, 2.0))
-        target = _choose_order(u_[ms[keep]], v_[ms[keep]], rxi[ref_idx[mr[keep]]], reta[ref_idx[mr[keep]]], sip_order)
+        k = keep
+        target = _choose_order(u_[ms[k]], v_[ms[k]], U[ms[k]], V[ms[k]], rx[mr[k]], ry[mr[k]], sip_order)
         state = (fit_order, tuple(ms[keep]), tuple(mr[keep]))
         if fit_order == target and state == prev:
             break
@@ -289,20 +469,28 @@ def fit_wcs(
         raise AlgorithmError("too few astrometric matches after clipping", n_matched=int(len(ms)))
 
     # --- 3. re-centre the tangent point on the detector centre; build TAN-SIP ------
+    terms = _poly_terms(max(order, 1))
     crval = (ra0, dec0)
     mra, mdec = ref_ra[ref_idx[mr]], ref_dec[ref_idx[mr]]
+    cx, cy = coef if order >= 1 else _similarity_to_linear(coef, initial_wcs, crval, (xc, yc), scale, detector_shape)
     for _ in range(3):
         xi_c, eta_c = cx[0], cy[0]  # sky position of the detector centre in the current plane
         crval = tuple(float(v) for v in _deproject(xi_c, eta_c, *crval))
         mxi, meta = _project(mra, mdec, *crval)
-        design = _poly_design(u_[ms], v_[ms], terms)
-        cx, *_ = np.linalg.lstsq(design, mxi, rcond=None)
-        cy, *_ = np.linalg.lstsq(design, meta, rcond=None)
+        if order >= 1:
+            design = _poly_design(u_[ms], v_[ms], terms)
+            cx, *_ = np.linalg.lstsq(design, mxi, rcond=None)
+            cy, *_ = np.linalg.lstsq(design, meta, rcond=None)
+        else:
+            mU, mV = _project(sra[ms], sdec[ms], *crval)
+            c0, *_ = np.linalg.lstsq(_similarity_design(mU, mV), np.r_[mxi, meta], rcond=None)
+            cx, cy = _similarity_to_linear(c0, initial_wcs, crval, (xc, yc), scale, detector_shape)
     header = _tan_sip_header(cx, cy, terms, order, crval, (xc, yc), scale, detector_shape)
     wcs = WCS(fits.Header(header))
     fxi, feta = _project(*wcs.all_pix2world(x[src_idx[ms]], y[src_idx[ms]], 0), *crval)
     mxi, meta = _project(mra, mdec, *crval)
     dist = np.hypot(fxi - mxi, feta - meta)  # residuals through the final astropy WCS
+    shift = transform.shift_at(0j)  # of the detector centre
     return AstrometricSolution(
         wcs=wcs,
         header=header,
@@ -312,8 +500,14 @@ def fit_wcs(
         offset_std_arcsec=float(np.std(dist)),
         matched_src_index=src_idx[ms].astype(np.int64),
         matched_ref_index=ref_idx[mr].astype(np.int64),
-        initial_offset_arcsec=(float(offset[0]), float(offset[1])),
+        initial_offset_arcsec=(float(shift.real), float(shift.imag)),
         sip_order=int(order),
+        initial_rotation_deg=transform.rotation_deg,
+        initial_scale=transform.scale,
+        match_method=method_used,
+        n_verified=int(verified.n_matched),
+        n_expected_chance=float(verified.n_expected),
+        log10_false_alarm=float(verified.log10_false_alarm),
     )
 
 

@@ -12,8 +12,10 @@ band's position when the band's significance is higher); otherwise it becomes a
 new peak.  So a source detected in one band only is kept, and a source detected
 in several bands gives one peak.  This is Rubin's ``MergeDetectionsTask``
 without the "culled" zone between the same-peak and new-peak radii (one radius
-here).  Matching is vectorised per band (KD-tree); two peaks of one band can
-match the same merged peak (the higher significance is kept).
+here).  Matching is vectorised per band (KD-tree); when two peaks of one band
+fall on the same merged peak (a broader band's blended peak between two sharp
+peaks), the nearest matches and the other becomes a new peak: each passed its
+band's peak test, so it is a distinct source, never dropped.
 """
 
 from __future__ import annotations
@@ -118,9 +120,11 @@ def merge_detections(
             idx, matched = np.zeros(len(bx), np.int64), np.zeros(len(bx), bool)
         mi, mk = idx[matched], np.flatnonzero(matched)
         if len(mi):
-            # Several peaks of this band on one merged peak: keep the most significant.
-            o = np.lexsort((-bs[mk], mi))
+            # Several peaks of this band on one merged peak: the nearest matches it; the others
+            # passed this band's own peak test (distinct peaks of one band), so they become new peaks.
+            o = np.lexsort((dist[mk], mi))
             first = np.r_[True, mi[o][1:] != mi[o][:-1]]
+            matched[mk[o][~first]] = False
             mi, mk = mi[o][first], mk[o][first]
             sig[mi, j] = bs[mk]
             move = bs[mk] > best[mi]

@@ -8,6 +8,12 @@ Estimator: inverse-variance weighted mean of ``m_ref - m_inst`` with an intrinsi
 scatter term (found so that chi^2 per degree of freedom is 1), iteratively
 sigma-clipped about a median start so that variable stars, blends and bad
 matches do not pull the mean.
+
+Colour term (optional, ``colour`` given): ``m_ref - m_inst = zp + k (c - c0)`` with ``c`` a
+reference colour (e.g. Gaia BP-RP) and ``c0`` a fixed pivot; ``k`` has a Gaussian prior
+N(k_prior, sigma_k^2) and is held at ``k_prior`` when fewer than ``colour_min_stars``
+stars are used.  ``zero_point`` is then the zero point at the pivot colour: calibrated
+magnitudes are in the instrument's natural system, equal to the reference system at c0.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ class PhotometricCalibration:
     rms_mmag: float
     intrinsic_scatter_mmag: float
     used: np.ndarray = field(repr=False)
+    colour_term: float = 0.0
+    colour_term_err: float = float("nan")
+    colour_pivot: float = float("nan")
+    colour_term_fitted: bool = False
 
     def to_dict(self) -> dict[str, float | int]:
         """Scalars for provenance/metadata (the ``used`` mask is not included)."""
@@ -68,12 +78,30 @@ class PhotometricCalibration:
             "n_used": self.n_used,
             "rms_mmag": self.rms_mmag,
             "intrinsic_scatter_mmag": self.intrinsic_scatter_mmag,
+            "colour_term": self.colour_term,
+            "colour_term_err": self.colour_term_err,
+            "colour_pivot": self.colour_pivot,
+            "colour_term_fitted": self.colour_term_fitted,
         }
 
 
 def zero_point_to_njy_per_electron(zero_point: float) -> float:
     """Calibration factor (nJy per electron) of a zero point (AB mag of 1 electron)."""
     return float(10.0 ** (-0.4 * (zero_point - AB_NJY_ZERO_POINT)))
+
+
+def _weighted_fit(d: np.ndarray, x: np.ndarray | None, w: np.ndarray, k_prior: float,
+                  k_info: float) -> tuple[float, float, float, float]:
+    """(zp, k, var_zp, var_k) of d = zp + k x with weights w and the prior k ~ N(k_prior, 1/k_info)
+    (x None: zp only, k = k_prior held)."""
+    if x is None:
+        sw = float(np.sum(w))
+        return float(np.sum(w * d) / sw), k_prior, 1.0 / sw, 0.0
+    n = np.array([[np.sum(w), np.sum(w * x)], [np.sum(w * x), np.sum(w * x * x) + k_info]])
+    b = np.array([np.sum(w * d), np.sum(w * x * d) + k_info * k_prior])
+    cov = np.linalg.inv(n)
+    sol = cov @ b
+    return float(sol[0]), float(sol[1]), float(cov[0, 0]), float(cov[1, 1])
 
 
 def fit_zero_point(
@@ -85,6 +113,12 @@ def fit_zero_point(
     nsigma: float = 3.0,
     max_iter: int = 10,
     min_stars: int = 5,
+    *,
+    colour: np.ndarray | None = None,
+    colour_pivot: float = 1.0,
+    colour_term_prior: float = 0.0,
+    colour_term_prior_sigma: float = 0.05,
+    colour_min_stars: int = 20,
 ) -> PhotometricCalibration:
     """Fit the zero point from instrumental fluxes (electrons) and reference fluxes (nJy).
 
@@ -101,6 +135,12 @@ def fit_zero_point(
         Clipping threshold (in units of the total per-star error) and iterations.
     min_stars:
         Raise :class:`~lsst_prod.errors.AlgorithmError` if fewer stars survive.
+    colour, colour_pivot, colour_term_prior, colour_term_prior_sigma, colour_min_stars:
+        Optional reference colour per star (stars with a non-finite colour are left out):
+        fit ``m_ref - m_inst = zp + k (colour - colour_pivot)`` with the prior
+        ``k ~ N(colour_term_prior, colour_term_prior_sigma^2)`` (sigma 0 or fewer than
+        ``colour_min_stars`` used stars: ``k`` held at ``colour_term_prior``).
+        ``zero_point`` is the zero point at the pivot colour.
     """
     fi, ei = np.asarray(inst_flux, float), np.asarray(inst_flux_err, float)
     fr, er = np.asarray(ref_flux_njy, float), np.asarray(ref_flux_err_njy, float)
@@ -108,6 +148,10 @@ def fit_zero_point(
     ok &= (ei > 0) & (er >= 0)
     if good is not None:
         ok &= np.asarray(good, bool)
+    with_colour = colour is not None
+    if with_colour:
+        col = np.asarray(colour, float)
+        ok &= np.isfinite(col)
     if ok.sum() < min_stars:
         raise AlgorithmError("too few stars for the photometric zero point", n_stars=int(ok.sum()))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -116,34 +160,52 @@ def fit_zero_point(
     sigma = np.maximum(sigma, 1e-4)  # 0.1 mmag floor: no star gets an infinite weight
     idx = np.flatnonzero(ok)
     d, s = delta[idx], sigma[idx]
-    med = float(np.median(d))
-    mad = 1.4826 * float(np.median(np.abs(d - med)))
-    keep = np.abs(d - med) <= nsigma * np.sqrt(s * s + mad * mad)  # robust start
-    zp, s_int = med, 0.0
+    x = (col[idx] - colour_pivot) if with_colour else None
+    k_info = 1.0 / colour_term_prior_sigma**2 if (with_colour and colour_term_prior_sigma > 0) else 0.0
+    k0 = float(colour_term_prior) if with_colour else 0.0
+    d_held = d - k0 * x if with_colour else d  # the colour term held at its prior value
+    med = float(np.median(d_held))
+    mad = 1.4826 * float(np.median(np.abs(d_held - med)))
+    keep = np.abs(d_held - med) <= nsigma * np.sqrt(s * s + mad * mad)  # robust start
+    zp, k, s_int, var_zp, var_k = med, k0, 0.0, 0.0, 0.0
+    fitted = False
+
+    def model(zp_: float, k_: float) -> np.ndarray:
+        return zp_ + k_ * x if with_colour else np.full(len(d), zp_)
+
     for _ in range(max_iter):
         if keep.sum() < min_stars:
             break
-        s_int = intrinsic_scatter(d[keep] - np.median(d[keep]), s[keep])
-        w = 1.0 / (s * s + s_int * s_int)
-        zp = float(np.sum(w[keep] * d[keep]) / np.sum(w[keep]))
-        s_int = intrinsic_scatter(d[keep] - zp, s[keep])
-        w = 1.0 / (s * s + s_int * s_int)
-        zp = float(np.sum(w[keep] * d[keep]) / np.sum(w[keep]))
-        new_keep = np.abs(d - zp) <= nsigma * np.sqrt(s * s + s_int * s_int)
+        fitted = with_colour and k_info > 0 and keep.sum() >= max(colour_min_stars, 3)
+        xs = x[keep] if fitted else None
+        dk = d[keep] if fitted else d_held[keep]
+        n_par = 2 if fitted else 1
+        s_int = intrinsic_scatter(dk - np.median(dk), s[keep], n_par)
+        for _pass in range(2):
+            w = 1.0 / (s[keep] ** 2 + s_int * s_int)
+            zp, k, var_zp, var_k = _weighted_fit(dk, xs, w, k0, k_info)
+            s_int = intrinsic_scatter(d[keep] - model(zp, k)[keep], s[keep], n_par)
+        w = 1.0 / (s[keep] ** 2 + s_int * s_int)
+        zp, k, var_zp, var_k = _weighted_fit(dk, xs, w, k0, k_info)
+        new_keep = np.abs(d - model(zp, k)) <= nsigma * np.sqrt(s * s + s_int * s_int)
         if np.array_equal(new_keep, keep):
             break
         keep = new_keep
     if keep.sum() < min_stars:
         raise AlgorithmError("too few stars survive clipping for the zero point", n_stars=int(keep.sum()))
-    zp_err = float(1.0 / np.sqrt(np.sum(w[keep])))
     used = np.zeros(len(fi), bool)
     used[idx[keep]] = True
+    resid = d[keep] - model(zp, k)[keep]
     return PhotometricCalibration(
         zero_point=zp,
-        zero_point_err=zp_err,
+        zero_point_err=float(np.sqrt(var_zp)),
         nJy_per_electron=zero_point_to_njy_per_electron(zp),
         n_used=int(keep.sum()),
-        rms_mmag=float(1e3 * np.sqrt(np.mean((d[keep] - zp) ** 2))),
+        rms_mmag=float(1e3 * np.sqrt(np.mean(resid**2))),
         intrinsic_scatter_mmag=float(1e3 * s_int),
         used=used,
+        colour_term=float(k) if with_colour else 0.0,
+        colour_term_err=float(np.sqrt(var_k)) if fitted else float("nan"),
+        colour_pivot=float(colour_pivot) if with_colour else float("nan"),
+        colour_term_fitted=bool(fitted),
     )

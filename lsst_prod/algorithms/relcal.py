@@ -63,6 +63,7 @@ from .relcal_photometry import (
     fit_photometry,
     make_photometric_part,
     photometric_residuals,
+    reference_colours,
     reference_magnitudes,
     solve_photometric,
 )
@@ -74,7 +75,7 @@ __all__ = [
     "accumulate_photometric_normal_equations", "apply_astrometric_correction", "astrometric_residuals",
     "clip_astrometric_part", "clip_photometric_part", "clip_photometric_references", "fit_astrometry",
     "fit_photometry", "gnomonic", "inverse_gnomonic", "make_astrometric_part", "make_astrometric_stars",
-    "make_photometric_part", "match_sources", "photometric_residuals", "poly_terms", "reference_magnitudes",
+    "make_photometric_part", "match_sources", "photometric_residuals", "poly_terms", "reference_colours", "reference_magnitudes",
     "select_good_sources", "simulate_relcal_catalogs", "solve_astrometric", "solve_photometric",
 ]  # fmt: skip
 
@@ -133,6 +134,8 @@ def simulate_relcal_catalogs(
     mjd_start: float = 60600.0,
     ref_epoch_mjd: float = 57388.0,
     fwhm_arcsec: float = 0.7,
+    ref_colour_term: float = 0.0,
+    ref_colour_pivot: float = 1.0,
 ) -> SyntheticRelcalData:
     """Synthetic Source tables of ``n_visits`` x ``n_detectors`` ccdvisits, a refcat and the truth.
 
@@ -145,7 +148,10 @@ def simulate_relcal_catalogs(
     truth differs by an offset (``astrometric_error_mas`` rms per axis) and a linear
     distortion of the same size at the detector edge; its single-frame zero point is off
     by N(0, ``zp_offset_rms_mag``).  Photometric errors ``hypot(2, 15 * 10^(0.4 (m - 20)))``
-    mmag, centroid errors FWHM / (2.35 S/N) with a 1 mas floor.
+    mmag, centroid errors FWHM / (2.35 S/N) with a 1 mas floor.  Reference stars have a
+    colour ``bp_rp ~ U(0.3, 3.0)`` (own random stream: the rest does not depend on it) and the
+    refcat magnitudes are ``m_true + ref_colour_term (bp_rp - ref_colour_pivot)`` + noise (a
+    reference system that differs from the instrument's natural system by a colour term).
     """
     rng = np.random.default_rng(seed)
     N, s_arcsec = int(detector_size), float(pixel_scale_arcsec)
@@ -182,6 +188,8 @@ def simulate_relcal_catalogs(
     s_pos = 0.1 + 1.9 * frac
     s_flux = 0.01 + 0.01 * frac
     cosd = np.cos(np.deg2rad(st_dec[ref_rows]))
+    bp_rp = np.random.default_rng([int(seed), 1]).uniform(0.3, 3.0, nr)
+    ref_flux = st_flux[ref_rows] * 10.0 ** (-0.4 * ref_colour_term * (bp_rp - ref_colour_pivot))
     refcat = {
         "ref_id": np.arange(1, nr + 1, dtype=np.int64),
         "ra": st_ra[ref_rows] + rng.normal(0, s_pos) / 3.6e6 / cosd,
@@ -191,8 +199,8 @@ def simulate_relcal_catalogs(
         "pmra_err": s_pos.copy(), "pmdec_err": s_pos.copy(),
         "parallax": st_plx[ref_rows] + rng.normal(0, 1.2 * s_pos), "parallax_err": 1.2 * s_pos,
         "epoch_mjd": np.full(nr, float(ref_epoch_mjd)),
-        f"{band}_flux": st_flux[ref_rows] * (1 + rng.normal(0, s_flux)), f"{band}_fluxErr": s_flux * st_flux[ref_rows],
-        "is_variable": np.zeros(nr, bool),
+        f"{band}_flux": ref_flux * (1 + rng.normal(0, s_flux)), f"{band}_fluxErr": s_flux * ref_flux,
+        "bp_rp": bp_rp, "phot_variable_flag": np.zeros(nr, bool),
     }  # fmt: skip
     star_ref_row = np.full(n_stars, -1, np.int64)
     star_ref_row[ref_rows] = np.arange(nr)

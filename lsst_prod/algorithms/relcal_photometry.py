@@ -14,6 +14,16 @@ a higher order adds a per-ccdvisit polynomial (detector/illumination term).  A w
 ``delta ~ N(0, zp_prior_mag^2)`` keeps ccdvisits that are not connected to a reference star
 solvable (their absolute level is then the single-frame one, see ``ccdvisit_tied_to_reference``).
 
+Colour term (optional, ``star_ref_colour`` given): the reference prior becomes
+``m_s + k (c_s - c0) = m_ref(s)``, one ``k`` per fit (per band), ``c_s`` the reference colour
+(e.g. Gaia BP-RP) and ``c0`` the pivot, with a prior ``k ~ N(0, colour_term_prior_sigma^2)``.
+``k`` is global, so it is not put into the block system: for a fixed ``k`` the solution is
+linear in ``k`` (``x(k) = x(0) + k dx``), ``dx`` comes from a second solve with the reference
+magnitudes shifted by ``-(c - c0)``, ``k`` then has a closed form, and the final solve is made at
+that ``k`` (three solves instead of one; the marginal zero-point errors add ``dtheta^2 var(k)``).
+Star magnitudes and zero points are then in the instrument's natural system, equal to the
+reference system at the pivot colour.
+
 Serial use: :func:`make_photometric_part` on all measurements, then :func:`fit_photometry`.
 MPI use (docs/algorithms-relcal.md): each rank builds the part of its ccdvisits, then loops
 ``accumulate_photometric_normal_equations`` -> Allreduce of ``to_arrays()`` ->
@@ -172,6 +182,9 @@ class PhotometricSolution:
     n_iterations: int = 1
     clipped: np.ndarray | None = field(default=None, repr=False)
     method: str = ""
+    colour_term: float = 0.0
+    colour_term_err: float = float("nan")
+    colour_pivot: float = float("nan")
 
     @property
     def nJy_per_electron(self) -> np.ndarray:
@@ -201,7 +214,9 @@ class PhotometricSolution:
                 "n_reference_stars": self.n_reference_stars, "n_measurements": self.n_measurements,
                 "n_clipped": self.n_clipped, "rms_mmag": self.rms_mmag, "n_iterations": self.n_iterations,
                 "n_ccdvisits": int(len(self.zero_point)),
-                "n_ccdvisits_untied": int(np.sum(~self.ccdvisit_tied_to_reference))}
+                "n_ccdvisits_untied": int(np.sum(~self.ccdvisit_tied_to_reference)),
+                "colour_term": self.colour_term, "colour_term_err": self.colour_term_err,
+                "colour_pivot": self.colour_pivot}
 
 
 def solve_photometric(
@@ -210,6 +225,9 @@ def solve_photometric(
     star_ref_mag: np.ndarray | None = None,
     star_ref_mag_err: np.ndarray | None = None,
     *,
+    star_ref_colour: np.ndarray | None = None,
+    colour_pivot: float = 1.0,
+    colour_term_prior_sigma: float = 0.1,
     zp_prior_mag: float = 1.0,
     min_stars_per_ccdvisit: int = 5,
     method: str = "auto",
@@ -218,7 +236,10 @@ def solve_photometric(
     """Solve the (reduced) normal equations for the zero points and star magnitudes.
 
     ``star_ref_mag``/``star_ref_mag_err`` (S,): reference AB magnitude of each star and its
-    error (NaN = no reference; see :func:`reference_magnitudes`).  Raises
+    error (NaN = no reference; see :func:`reference_magnitudes`).  ``star_ref_colour`` (S,):
+    reference colour per star (NaN: the star's reference prior is dropped): fits one colour
+    term ``k`` with ``m_s + k (c - colour_pivot) = m_ref`` and the prior
+    ``k ~ N(0, colour_term_prior_sigma^2)``.  Raises
     :class:`~lsst_prod.errors.AlgorithmError` (metadata ``n_stars``, ``ccdvisit_ids``) if a
     ccdvisit has fewer than ``min_stars_per_ccdvisit`` used measurements.
     """
@@ -229,20 +250,53 @@ def solve_photometric(
         raise ValueError(f"normals have {K} ccdvisits, the table {len(ccdvisits)}")
     check_ccdvisit_counts(normals, ccdvisits.ccdvisit_id, max(min_stars_per_ccdvisit, p), "photometric")
     ref_mag, ref_info = _reference_info(star_ref_mag, star_ref_mag_err, S)
-    res = schur_solve(
-        normals, ccd_prior_info=np.full((K, p), 1.0 / zp_prior_mag**2),
-        star_prior_matrix=ref_info[:, None, None], star_prior_vector=(ref_info * ref_mag)[:, None],
-        star_anchor=ref_info > 0, method=method, ccd_cov=compute_errors,
-    )  # fmt: skip
+    x = None
+    if star_ref_colour is not None:
+        col = np.asarray(star_ref_colour, float)
+        if col.shape != (S,):
+            raise ValueError(f"star_ref_colour must have shape ({S},)")
+        ref_info = np.where(np.isfinite(col), ref_info, 0.0)
+        x = np.where(np.isfinite(col), col - colour_pivot, 0.0)
+
+    def solve(shift: np.ndarray | float, errors: bool):
+        m = ref_mag - shift
+        return schur_solve(
+            normals, ccd_prior_info=np.full((K, p), 1.0 / zp_prior_mag**2),
+            star_prior_matrix=ref_info[:, None, None], star_prior_vector=(ref_info * m)[:, None],
+            star_anchor=ref_info > 0, method=method, ccd_cov=errors,
+        )  # fmt: skip
+
+    k, var_k, dtheta = 0.0, 0.0, None
+    if x is None:
+        res = solve(0.0, compute_errors)
+    else:
+        # x(k) = x(0) + k dx is the solution with reference magnitudes m_ref - k (c - c0)
+        r0, r1 = solve(0.0, False), solve(x, False)
+        dphi = r1.star_params[:, 0] - r0.star_params[:, 0]
+        dtheta = r1.ccd_params[:, 0] - r0.ccd_params[:, 0]
+        k_info = 1.0 / colour_term_prior_sigma**2 if colour_term_prior_sigma > 0 else 0.0
+        # d chi2/dk = 0: sum info x (phi0 + k dphi + k x - m_ref) + k k_info = 0 (observed stars only:
+        # a star without used measurements is left out of the solve)
+        w = np.where(normals.star_count > 0, ref_info, 0.0)
+        h = float(np.sum(w * x * (x + dphi))) + k_info
+        if h > 0:
+            k = float(np.sum(w * x * (ref_mag - r0.star_params[:, 0]))) / h
+            var_k = 1.0 / h
+        res = solve(k * x, compute_errors)
     observed = normals.star_count > 0
     star_mag = np.where(observed, res.star_params[:, 0], np.nan)
     star_err = np.where(observed, np.sqrt(res.star_cov[:, 0, 0]), np.nan)
     has_ref = (ref_info > 0) & observed
-    chi2_ref = float(np.sum(ref_info[has_ref] * (star_mag[has_ref] - ref_mag[has_ref]) ** 2))
+    m_ref_eff = ref_mag - (k * x if x is not None else 0.0)
+    chi2_ref = float(np.sum(ref_info[has_ref] * (star_mag[has_ref] - m_ref_eff[has_ref]) ** 2))
     n_meas = normals.n_measurements
-    dof = int(n_meas + has_ref.sum() - K * p - observed.sum())
+    dof = int(n_meas + has_ref.sum() - K * p - observed.sum() - (1 if x is not None else 0))
     offset = res.ccd_params[:, 0]
-    zp_err = np.sqrt(res.ccd_cov[:, 0, 0]) if res.ccd_cov is not None else np.full(K, np.nan)
+    if res.ccd_cov is not None:
+        zp_var = res.ccd_cov[:, 0, 0] + (dtheta**2 * var_k if dtheta is not None else 0.0)
+        zp_err = np.sqrt(zp_var)
+    else:
+        zp_err = np.full(K, np.nan)
     x0, y0, scale = ccdvisits.pixel_normalisation()
     return PhotometricSolution(
         order=order, ccdvisit_id=ccdvisits.ccdvisit_id.copy(), zero_point=ccdvisits.zero_point + offset,
@@ -251,6 +305,8 @@ def solve_photometric(
         star_mag=star_mag, star_mag_err=star_err, star_n_measurements=np.rint(normals.star_count).astype(np.int64),
         pixel_x0=x0, pixel_y0=y0, pixel_scale=scale, chi2=float(res.chi2_data), chi2_reference=chi2_ref, dof=dof,
         n_stars=int(observed.sum()), n_reference_stars=int(has_ref.sum()), n_measurements=n_meas, method=res.method,
+        colour_term=float(k), colour_term_err=float(np.sqrt(var_k)) if x is not None and var_k > 0 else float("nan"),
+        colour_pivot=float(colour_pivot) if x is not None else float("nan"),
     )  # fmt: skip
 
 
@@ -276,7 +332,7 @@ def reference_magnitudes(
     """Per-star reference AB magnitude and error from ``{band}_flux/_fluxErr`` (nJy).
 
     NaN for stars without a reference star, a non-positive flux, or ``usable`` False
-    (e.g. ``~is_variable``) for their reference row.
+    (e.g. ``~phot_variable_flag``) for their reference row.
     """
     r = np.asarray(star_ref_index, np.int64)
     f, fe = np.asarray(ref_flux, float), np.asarray(ref_flux_err, float)
@@ -292,6 +348,20 @@ def reference_magnitudes(
     idx = np.flatnonzero(has)[ok]
     mag[idx], err[idx] = m[ok], e[ok]
     return mag, err
+
+
+def reference_colours(star_ref_index: np.ndarray, ref_colour: np.ndarray,
+                      usable: np.ndarray | None = None) -> np.ndarray:
+    """Per-star reference colour (e.g. the refcat's ``bp_rp``); NaN without a (usable) reference row."""
+    r = np.asarray(star_ref_index, np.int64)
+    c = np.asarray(ref_colour, float)
+    out = np.full(len(r), np.nan)
+    has = r >= 0
+    vals = c[r[has]]
+    if usable is not None:
+        vals = np.where(np.asarray(usable, bool)[r[has]], vals, np.nan)
+    out[has] = vals
+    return out
 
 
 def photometric_residuals(part: PhotometricPart, solution: PhotometricSolution) -> np.ndarray:
@@ -320,13 +390,16 @@ def clip_photometric_part(
 
 
 def clip_photometric_references(
-    solution: PhotometricSolution, star_ref_mag: np.ndarray, star_ref_mag_err: np.ndarray, nsigma: float = 4.0
+    solution: PhotometricSolution, star_ref_mag: np.ndarray, star_ref_mag_err: np.ndarray, nsigma: float = 4.0,
+    star_ref_colour: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Reference errors with outliers (|m_star - m_ref| > nsigma * sigma) set to NaN.
+    """Reference errors with outliers (|m_star + k (c - c0) - m_ref| > nsigma * sigma) set to NaN.
 
     Deterministic given the solution, so every MPI rank computes the same result.
     """
     mag, err = np.asarray(star_ref_mag, float), np.asarray(star_ref_mag_err, float)
+    if star_ref_colour is not None and np.isfinite(solution.colour_pivot):
+        mag = mag - solution.colour_term * (np.asarray(star_ref_colour, float) - solution.colour_pivot)
     scale = max(1.0, float(np.sqrt(solution.reduced_chi2)))
     sig = np.hypot(err, np.nan_to_num(solution.star_mag_err))
     with np.errstate(invalid="ignore"):
@@ -372,7 +445,8 @@ def fit_photometry(
             stats = ResidualStats.from_array(allreduce(stats.to_array()))
         new_ref_err = ref_err
         if clip_references and star_ref_mag is not None and ref_err is not None:
-            new_ref_err = clip_photometric_references(sol, star_ref_mag, star_ref_mag_err, nsigma)
+            new_ref_err = clip_photometric_references(sol, star_ref_mag, star_ref_mag_err, nsigma,
+                                                      solve_kwargs.get("star_ref_colour"))
             ref_changed = not np.array_equal(np.isnan(new_ref_err), np.isnan(ref_err))
         else:
             ref_changed = False

@@ -346,9 +346,14 @@ def coadd_psf(psfs_at_position: Sequence[np.ndarray], weights: Sequence[float]) 
     """Coadd PSF at a position: weighted sum of the (warped) input PSF stamps, each and the result unit-sum.
 
     Use the pixel weights (``Coadd.weights`` of the inputs covering the
-    position): a star's coadd image is then ``flux x`` this stamp.
+    position): a star's coadd image is then ``flux x`` this stamp.  Stamps of
+    different odd sizes (inputs of different seeing) are zero-padded to the largest.
     """
-    st, w = np.asarray(psfs_at_position, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    stamps = [np.asarray(p, dtype=np.float64) for p in psfs_at_position]
+    size = max((p.shape[0] for p in stamps), default=0)
+    # inputs of different seeing have stamps of different (odd) sizes: centre them on the largest
+    padded = [np.pad(p, ((size - p.shape[0]) // 2, (size - p.shape[1]) // 2)) if p.ndim == 2 else p for p in stamps]
+    st, w = np.asarray(padded, dtype=np.float64), np.asarray(weights, dtype=np.float64)
     if st.ndim != 3 or len(w) != len(st) or not np.any(w > 0):
         raise ValueError("need (n, S, S) stamps and n weights, some positive")
     out = np.tensordot(w, st / st.sum(axis=(1, 2), keepdims=True), axes=1)
@@ -380,7 +385,9 @@ class CoaddPsf:
     """
 
     def __init__(self, inputs: Sequence[CoaddPsfInput], coadd_wcs: Any, bbox: tuple[int, int, int, int],
-                 stamp_size: int = 25, kernel: str = "lanczos3") -> None:
+                 stamp_size: int | None = None, kernel: str = "lanczos3") -> None:
+        if stamp_size is None:  # the largest input PSF stamp (they follow each input's seeing)
+            stamp_size = max((int(getattr(i.psf, "stamp_size", 25)) for i in inputs), default=25)
         if stamp_size % 2 == 0:
             raise ValueError("stamp_size must be odd")
         self.coadd_wcs, self.bbox, self.kernel = coadd_wcs, tuple(int(v) for v in bbox), kernel

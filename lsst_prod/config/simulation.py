@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,9 +26,10 @@ _DEFAULT_ZP = {"u": 26.52, "g": 28.51, "r": 28.36, "i": 28.17, "z": 27.78, "y": 
 _DEFAULT_SKY = {"u": 23.05, "g": 22.25, "r": 21.20, "i": 20.46, "z": 19.61, "y": 18.60}
 _DEFAULT_EXT = {"u": 0.47, "g": 0.21, "r": 0.13, "i": 0.10, "z": 0.07, "y": 0.18}
 
-#: Largest PSF FWHM (pixels) for which a Moffat(beta=3.5) keeps > 99.9 % of its
-#: flux within 25 pixels, which downstream stages rely on.
-MAX_PSF_FWHM_PIX = 6.0
+#: Largest PSF FWHM anywhere in the focal plane (pixels): a sanity bound (point-source stamps of
+#: 10 FWHM half-width stay within the renderer's 256-pixel limit); stages size their PSF stamps
+#: and apertures from the measured seeing, so there is no tighter cap.
+MAX_PSF_FWHM_PIX = 25.0
 
 
 def _range(lo: float, hi: float, name_lo: str, name_hi: str, strict: bool = True) -> None:
@@ -68,9 +70,9 @@ class SimulationConfig(BaseModel):
     rotation_deg: float = Field(0.0, ge=-360.0, le=360.0, description="mean commanded rotation (ROTPA), deg")
     rotation_dither_deg: float = Field(10.0, ge=0.0, le=180.0,
                                        description="commanded rotation is uniform in rotation_deg +- this, deg")
-    pointing_error_rms_arcsec: float = Field(2.0, ge=0.0, le=60.0,
+    pointing_error_rms_arcsec: float = Field(2.0, ge=0.0, le=120.0,
                                              description="true - commanded boresight, rms per axis, arcsec")
-    rotation_error_rms_arcsec: float = Field(30.0, ge=0.0, le=600.0,
+    rotation_error_rms_arcsec: float = Field(30.0, ge=0.0, le=7200.0,
                                              description="true - commanded rotation, rms, arcsec")
     distortion_k_per_pix2: float = Field(
         1.5e-9, ge=-1e-7, le=1e-7,
@@ -109,6 +111,14 @@ class SimulationConfig(BaseModel):
         0.08, ge=0.0, le=0.5,
         description="PSF FWHM grows as (1 + growth (r/r_corner)^2) with focal-plane radius r; fraction")
     psf_g_max: float = Field(0.05, ge=0.0, le=0.2, description="largest PSF reduced-shear |g| anywhere in the focal plane")
+    psf_model: Literal["kolmogorov", "moffat"] = Field(
+        "kolmogorov", description="PSF profile: 'kolmogorov' (Kolmogorov atmosphere convolved with the obscured "
+                                  "Airy of the telescope) or 'moffat' (Moffat of index psf_moffat_beta)")
+    psf_moffat_beta: float = Field(3.5, ge=1.5, le=20.0, description="Moffat index (psf_model 'moffat')")
+    telescope_diameter_m: float = Field(8.36, gt=0.1, le=100.0,
+                                        description="primary mirror diameter (diffraction of psf_model 'kolmogorov'), m")
+    telescope_obscuration: float = Field(0.61, ge=0.0, lt=0.95,
+                                         description="linear central obscuration, fraction of the diameter")
     zero_point_offset_rms_mmag: float = Field(
         30.0, ge=0.0, le=1000.0, description="rms of the per-visit transparency offset (extinction), mmag")
     qe_rms_frac: float = Field(0.02, ge=0.0, le=0.3, description="rms of the per-detector, per-band QE factor, fraction")
@@ -161,9 +171,10 @@ class SimulationConfig(BaseModel):
     row_offset_amp_adu: float = Field(3.0, ge=0.0, le=100.0, description="amplitude of the per-exposure row drift, ADU")
 
     # -------------------------------------------------------- reference catalog
-    refcat_band: str | None = Field(None, description="band in which refcat_mag_limit applies; None: 'r' if observed, "
-                                                      "else the first band")
-    refcat_mag_limit: float = Field(20.5, ge=5.0, le=30.0, description="reference stars are brighter than this, AB mag")
+    refcat_mag_limit: float = Field(20.7, ge=5.0, le=30.0,
+                                    description="faint limit of the Gaia-like refcat: TRUE G brighter than this, mag")
+    refcat_bright_limit: float = Field(3.0, ge=-2.0, le=15.0,
+                                       description="bright (saturation) limit: stars with TRUE G brighter are absent, mag")
     refcat_epoch_mjd: float = Field(57388.0, ge=40000.0, le=80000.0,
                                     description="reference epoch of the catalog positions, MJD (TDB; J2016.0 = 57388.0)")
     refcat_pos_err_min_mas: float = Field(0.1, gt=0.0, le=1000.0, description="position error of the brightest stars, mas")
@@ -172,8 +183,10 @@ class SimulationConfig(BaseModel):
                                               description="proper-motion error = this x position error, (mas/yr)/mas")
     refcat_parallax_err_scale: float = Field(1.2, ge=0.0, le=100.0,
                                              description="parallax error = this x position error, mas/mas")
-    refcat_flux_err_min_frac: float = Field(0.01, ge=0.0, le=1.0, description="flux error of the brightest stars, fraction")
-    refcat_flux_err_max_frac: float = Field(0.02, ge=0.0, le=1.0, description="flux error at the magnitude limit, fraction")
+    refcat_var_flag_completeness: float = Field(
+        0.85, ge=0.0, le=1.0, description="phot_variable_flag: detection probability of a large-amplitude variable")
+    refcat_var_flag_false_positive_rate: float = Field(
+        0.005, ge=0.0, le=0.5, description="phot_variable_flag: fraction of constant stars flagged (G >= 13)")
 
     # --------------------------------------------------------------- rendering
     render_margin_pix: int = Field(40, ge=0, le=1000,
@@ -208,14 +221,13 @@ class SimulationConfig(BaseModel):
             missing = [b for b in self.bands if b not in table]
             if missing:
                 raise ValueError(f"{name} lacks band(s) {missing} (has {sorted(table)})")
-        if self.refcat_band is not None and self.refcat_band not in self.bands:
-            raise ValueError(f"refcat_band {self.refcat_band!r} is not one of bands {list(self.bands)}")
+        _range(self.refcat_bright_limit, self.refcat_mag_limit, "refcat_bright_limit", "refcat_mag_limit")
         _range(self.seeing_min_arcsec, self.seeing_max_arcsec, "seeing_min_arcsec", "seeing_max_arcsec", strict=False)
         worst = self.seeing_max_arcsec * (1.0 + self.psf_fwhm_growth_frac) / self.pixel_scale_arcsec
         if worst > MAX_PSF_FWHM_PIX + 1e-9:
             raise ValueError(
                 f"seeing_max_arcsec x (1 + psf_fwhm_growth_frac) / pixel_scale_arcsec = {worst:.2f} px exceeds "
-                f"{MAX_PSF_FWHM_PIX} px: the Moffat PSF would no longer fit within 25 pixels to 0.1 %")
+                f"{MAX_PSF_FWHM_PIX} px (the renderer's point-source stamps would exceed 256 px)")
         _range(self.hour_angle_min_h, self.hour_angle_max_h, "hour_angle_min_h", "hour_angle_max_h", strict=False)
         _range(self.sky_factor_min, self.sky_factor_max, "sky_factor_min", "sky_factor_max", strict=False)
         _range(self.star_mag_min, self.star_mag_max, "star_mag_min", "star_mag_max")
@@ -231,8 +243,6 @@ class SimulationConfig(BaseModel):
         _range(self.cosmic_ray_e_min, self.cosmic_ray_e_max, "cosmic_ray_e_min", "cosmic_ray_e_max", strict=False)
         _range(self.refcat_pos_err_min_mas, self.refcat_pos_err_max_mas, "refcat_pos_err_min_mas",
                "refcat_pos_err_max_mas", strict=False)
-        _range(self.refcat_flux_err_min_frac, self.refcat_flux_err_max_frac, "refcat_flux_err_min_frac",
-               "refcat_flux_err_max_frac", strict=False)
         if self.n_bad_columns > self.detector_nx // 4:
             raise ValueError(f"n_bad_columns ({self.n_bad_columns}) must be <= detector_nx / 4 ({self.detector_nx // 4})")
         if self.n_nights > self.nights_per_season and \
@@ -273,12 +283,6 @@ class SimulationConfig(BaseModel):
             out.append(self.start_day_obs + dt.timedelta(days=season * self.season_spacing_days
                                                          + k * self.night_spacing_days))
         return out
-
-    @property
-    def effective_refcat_band(self) -> str:
-        if self.refcat_band is not None:
-            return self.refcat_band
-        return "r" if "r" in self.bands else self.bands[0]
 
     @property
     def physical_filters(self) -> dict[str, str]:

@@ -21,6 +21,18 @@ class StageConfig(BaseModel):
                                 "(default: the stage's own declaration)")
 
 
+def _odd_stamp(v: int | str) -> int | str:
+    if isinstance(v, int) and (v % 2 == 0 or v < 11):
+        raise ValueError("must be odd (so the PSF has a centre pixel) and >= 11, or 'auto'")
+    return v
+
+
+def _positive_radius(v: float | str) -> float | str:
+    if not isinstance(v, str) and not v > 0:
+        raise ValueError("must be > 0 or 'auto'")
+    return v
+
+
 class SingleFrameConfig(StageConfig):
     """ISR -> background -> cosmic rays -> detection -> PSF -> measurement -> astrometry -> photometry."""
 
@@ -29,22 +41,47 @@ class SingleFrameConfig(StageConfig):
     background_filter_size: int = Field(3, ge=1, description="median filter over background meshes")
     cosmic_ray_threshold_sigma: float = Field(5.0, gt=0, description="L.A.Cosmic detection threshold")
     detection_threshold_sigma: float = Field(5.0, gt=0, description="PSF-convolved S/N threshold")
-    psf_stamp_pixels: int = Field(25, ge=11, description="PSF model stamp size (odd), pixels")
+    psf_stamp_pixels: int | Literal["auto"] = Field(
+        "auto", description="PSF model stamp size (odd, >= 11), pixels; 'auto': odd max(25, 7 x the FWHM measured "
+                            "on the PSF candidates), which holds >= 99.5 % of a Kolmogorov PSF")
     psf_spatial_order: int = Field(2, ge=0, le=4, description="polynomial order of PSF variation over the detector")
+    psf_min_stars_per_term: float = Field(8.0, ge=0, le=1000,
+                                          description="the PSF's spatial order is lowered while fewer usable stars "
+                                                      "than this per polynomial term remain")
     psf_min_stars: int = Field(10, ge=3, description="fewer usable PSF stars is an AlgorithmError")
-    apcorr_reference_radius_pixels: float = Field(25.0, gt=0, description="aperture that defines total flux")
+    apcorr_reference_radius_pixels: float | Literal["auto"] = Field(
+        "auto", description="aperture that defines total flux, pixels; 'auto': max(25, 8 x the PSF model's FWHM)")
     astrometry_sip_order: int = Field(3, ge=0, le=5, description="SIP distortion order of the fitted WCS")
-    astrometry_search_radius_arcsec: float = Field(10.0, gt=0, description="max pointing error searched")
-    astrometry_min_matches: int = Field(10, ge=4)
+    astrometry_search_radius_arcsec: float = Field(80.0, gt=0, description="max pointing error searched, arcsec")
+    astrometry_max_rotation_deg: float = Field(1.5, ge=0, le=10, description="max rotator error searched, deg")
+    astrometry_min_matches: int = Field(5, ge=4, description="fewer verified matches: AlgorithmError")
+    astrometry_reserve_fraction: float = Field(
+        0.2, ge=0, lt=1, description="reference stars held out of the WCS fit (by refcat id, the same in every "
+                                     "visit) for validation; none when the detector has too few")  # fmt: skip
     photocal_min_stars: int = Field(5, ge=1)
+    photocal_colour_term: bool = Field(True, description="fit zp + k (BP-RP - pivot) against the refcat's bp_rp")
+    photocal_colour_pivot: float = Field(1.0, description="reference colour (Gaia BP-RP) at which the zero point applies, mag")
+    photocal_colour_term_prior: float = Field(0.0, description="prior mean of the colour term k, mag/mag")
+    photocal_colour_term_prior_sigma: float = Field(
+        0.0, ge=0, description="prior sigma of k, mag/mag; 0 (default): k held at the prior mean, the instrument's "
+                               "known colour term (relcal fits one per band over all visits); > 0: fitted per "
+                               "detector, which adds noise (docs/algorithms-measurement.md section 4)")
+    photocal_colour_term_min_stars: int = Field(20, ge=3, description="fewer used stars: k held at the prior mean")
     initial_seeing_arcsec: float = Field(1.0, gt=0, description="seeing guess before the PSF is fitted")
+    telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m: the diffraction "
+                                                                "(Airy) wings of the PSF beyond the aperture-"
+                                                                "correction apertures; 0: left out")
+    telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
 
     @field_validator("psf_stamp_pixels")
     @classmethod
-    def _odd(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise ValueError("must be odd so the PSF has a centre pixel")
-        return v
+    def _odd(cls, v: int | str) -> int | str:
+        return _odd_stamp(v)
+
+    @field_validator("apcorr_reference_radius_pixels")
+    @classmethod
+    def _positive_radius(cls, v: float | str) -> float | str:
+        return _positive_radius(v)
 
 
 class RelcalConfig(StageConfig):
@@ -55,6 +92,9 @@ class RelcalConfig(StageConfig):
     isolation_arcsec: float = Field(2.0, ge=0, description="no other source of the same ccdvisit this close")
     match_radius_arcsec: float = Field(0.4, gt=0, description="friends-of-friends / reference match radius")
     phot_error_floor_mag: float = Field(0.002, ge=0, description="added in quadrature to each measurement")
+    phot_colour_term: bool = Field(True, description="fit one colour term per band: m_star + k (BP-RP - pivot) = m_ref")
+    phot_colour_pivot: float = Field(1.0, description="reference colour (Gaia BP-RP) at which the zero points apply, mag")
+    phot_colour_term_prior_sigma: float = Field(0.1, gt=0, description="prior sigma of the colour term about 0, mag/mag")
     astrometry_order: int = Field(1, ge=0, le=3, description="polynomial order of the per-ccdvisit correction")
     astrometry_error_floor_mas: float = Field(1.0, ge=0)
     nsigma: float = Field(4.0, gt=0, description="outlier clipping threshold")
@@ -82,16 +122,33 @@ class CoaddConfig(StageConfig):
     clip_nsigma: float = Field(5.0, gt=0, description="PSF-matched outlier rejection threshold")
     min_coverage: float = Field(0.05, ge=0, le=1, description="a patch less covered than this by every visit "
                                                                "is NoWorkFound")
-    psf_stamp_pixels: int = Field(25, ge=11)
+    psf_stamp_pixels: int | Literal["auto"] = Field(
+        "auto", description="coadd PSF model stamp size (odd, >= 11), pixels; 'auto': as single_frame's")
     psf_spatial_order: int = Field(1, ge=0, le=3)
+    psf_min_stars_per_term: float = Field(8.0, ge=0, le=1000)
     psf_min_stars: int = Field(8, ge=3)
+
+    @field_validator("psf_stamp_pixels")
+    @classmethod
+    def _odd(cls, v: int | str) -> int | str:
+        return _odd_stamp(v)
 
 
 class ObjectsConfig(StageConfig):
     """Coadd detection, merge, deblend and measurement."""
 
     detection_threshold_sigma: float = Field(5.0, gt=0)
-    apcorr_reference_radius_pixels: float = Field(25.0, gt=0)
+    apcorr_reference_radius_pixels: float | Literal["auto"] = Field(
+        "auto", description="aperture that defines total flux, pixels; 'auto': total flux as in single_frame "
+                            "(stars measured within max(12, 4 FWHM), the Kolmogorov x Airy wing beyond added); "
+                            "a number: that aperture is the total")
+    telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m (Airy wings); 0: left out")
+    telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
+
+    @field_validator("apcorr_reference_radius_pixels")
+    @classmethod
+    def _positive_radius(cls, v: float | str) -> float | str:
+        return _positive_radius(v)
 
 
 class VisitSummaryConfig(StageConfig):

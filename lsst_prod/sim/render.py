@@ -5,8 +5,10 @@ Each object whose TRUE pixel position (at the visit's epoch) lies within
 postage stamp with GalSim (``method='auto'``: FFT convolution with the pixel)
 at its exact sub-pixel position, and the stamps are summed:
 
-* PSF: Moffat(beta = 3.5) of FWHM and shear (g1, g2) given in detector-pixel
-  axes by :func:`lsst_prod.sim.cadence.psf_at` at the object's focal-plane position;
+* PSF (:mod:`lsst_prod.sim.psf`): a Kolmogorov atmosphere convolved with the
+  telescope's obscured Airy (default) or a Moffat, of FWHM and shear (g1, g2)
+  given in detector-pixel axes by :func:`lsst_prod.sim.cadence.psf_at` at the
+  object's focal-plane position;
 * stars and transients: the PSF with the object's flux;
 * galaxies: (bulge_frac DeVaucouleurs(hlr_b, truncated at 8 hlr_b) +
   (1 - bulge_frac) Exponential(hlr_d)), sheared by (g1, g2) in the sky frame
@@ -17,10 +19,11 @@ at its exact sub-pixel position, and the stamps are summed:
   direction the object moves during the exposure, centred on the
   mid-exposure position.
 
-Stamps have radius ``ceil(3.86 alpha (1 + |g|)) + 1`` for point sources
-(alpha the Moffat scale radius; < 0.1 % of the flux falls outside), grown by the
-galaxy's 6 hlr (or the trail) for extended objects.  ``flux_e`` in the truth is
-the profile's total flux.
+Stamps have half-width :meth:`PsfFactory.point_source_radius` for point sources
+(Kolmogorov: 10 FWHM (1 + |g|), the FFT wraps the light beyond into the stamp's
+border; Moffat: the 99.9 % radius), grown by the galaxy's 6 hlr (or the trail)
+for extended objects.  ``flux_e`` in the truth is the profile's total flux;
+``psf_fwhm_pix`` the measured FWHM of the PSF actually drawn.
 
 Then ``e = Poisson(model + sky) + cosmic rays`` and the raw contract of
 :mod:`lsst_prod.sim.instrument`.  Everything random comes from
@@ -52,19 +55,18 @@ from .instrument import (
     raw_header,
     row_offsets,
 )
+from .psf import PointSourceDrawer, PsfFactory
 from .sky import SkyCatalog
 from .spec import (
     KIND_ASTEROID,
     KIND_GALAXY,
     KIND_NAMES,
-    MOFFAT_BETA,
     electrons_from_njy,
     njy_to_mag,
     rng_for,
 )
 from .survey import Survey, build_survey
 
-_MOFFAT_ALPHA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 ** (1.0 / MOFFAT_BETA) - 1.0))
 _MAX_STAMP_RADIUS = 256
 
 
@@ -109,14 +111,15 @@ def select_objects(survey: Survey, vt: VisitTruth, det: Detector, zp: float, mar
     return DrawList(idx, x[idx], y[idx], ra[idx], dec[idx], flux[idx], electrons_from_njy(flux[idx], zp))
 
 
-def _psf_radius(fwhm: float, gabs: float) -> int:
-    return int(math.ceil(3.86 * fwhm * _MOFFAT_ALPHA_PER_FWHM * (1.0 + gabs))) + 1
-
-
 def draw_objects(config: SimulationConfig, sky: SkyCatalog, vt: VisitTruth, det: Detector,
                  objs: DrawList) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Noise-free electrons of all objects, (ny, nx) float64; per-object own peak; per-object PSF."""
+    """Noise-free electrons of all objects, (ny, nx) float64; per-object own peak; per-object PSF.
+
+    The PSF columns hold the FWHM of the profile actually drawn (measured, pixels) and its shear.
+    """
     gsp = galsim.GSParams(folding_threshold=config.folding_threshold)
+    factory = PsfFactory(config, vt.band, gsp)
+    points = PointSourceDrawer(factory) if factory.model == "kolmogorov" else None
     model = np.zeros((det.ny, det.nx))
     n = objs.index.size
     u, v = detector_to_focal_plane(det, objs.x, objs.y)
@@ -132,10 +135,8 @@ def draw_objects(config: SimulationConfig, sky: SkyCatalog, vt: VisitTruth, det:
         flux = float(objs.flux_e[i])
         k = int(objs.index[i])
         gabs = math.hypot(pg1[i], pg2[i])
-        psf = galsim.Moffat(beta=MOFFAT_BETA, fwhm=float(fwhm[i]), gsparams=gsp)
-        if gabs > 0:
-            psf = psf.shear(g1=float(pg1[i]), g2=float(pg2[i]))
-        radius = _psf_radius(float(fwhm[i]), gabs)
+        psf = factory.profile(float(fwhm[i]), float(pg1[i]), float(pg2[i]))
+        radius = factory.point_source_radius(float(fwhm[i]), gabs)
         if kinds[i] == KIND_GALAXY:
             J = jac[i]
             bf = float(sky.bulge_frac[k])
@@ -172,6 +173,7 @@ def draw_objects(config: SimulationConfig, sky: SkyCatalog, vt: VisitTruth, det:
         else:
             prof = psf.withFlux(flux)
         radius = min(radius, _MAX_STAMP_RADIUS)
+        point = points is not None and kinds[i] not in (KIND_GALAXY, KIND_ASTEROID)
         ix, iy = int(math.floor(objs.x[i] + 0.5)), int(math.floor(objs.y[i] + 0.5))
         x0, y0 = ix - radius, iy - radius
         size = 2 * radius + 1
@@ -179,12 +181,15 @@ def draw_objects(config: SimulationConfig, sky: SkyCatalog, vt: VisitTruth, det:
         bx1, by1 = min(x0 + size, det.nx), min(y0 + size, det.ny)
         if bx1 <= bx0 or by1 <= by0:
             continue
-        stamp = galsim.ImageD(size, size, scale=1.0)
-        prof.drawImage(stamp, offset=(objs.x[i] - ix, objs.y[i] - iy), method="auto")
-        arr = stamp.array
+        if point:  # exact numpy FFT drawing, flux-conserving (sim/psf.py)
+            arr = flux * points.draw(float(fwhm[i]), float(pg1[i]), float(pg2[i]), objs.x[i] - ix, objs.y[i] - iy, size)
+        else:
+            stamp = galsim.ImageD(size, size, scale=1.0)
+            prof.drawImage(stamp, offset=(objs.x[i] - ix, objs.y[i] - iy), method="auto")
+            arr = stamp.array
         peak[i] = arr.max()
         model[by0:by1, bx0:bx1] += arr[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0]
-    return model, peak, {"psf_fwhm_pix": fwhm, "psf_g1": pg1, "psf_g2": pg2}
+    return model, peak, {"psf_fwhm_pix": factory.drawn_fwhm(fwhm), "psf_g1": pg1, "psf_g2": pg2}
 
 
 @functools.lru_cache(maxsize=16)
@@ -266,6 +271,7 @@ def render_ccd(config: SimulationConfig, visit: int, detector: int, *, keep_imag
     }
 
     fw_c, g1_c, g2_c = psf_at(vt, det.fp_x0, det.fp_y0)
+    fw_c = PsfFactory(config, vt.band).measure(float(fw_c))  # the FWHM of the profile drawn there
     ccdvisit = {
         "visit": int(vt.visit),
         "detector": int(det.id),

@@ -8,7 +8,10 @@ Magnitudes are drawn in the r band and the other bands follow from colours:
 * stars: ``g - r`` from a two-population mixture (turn-off/halo stars around
   0.35, M dwarfs around 1.3) and a simple stellar locus
   ``u-g = 0.8 + 1.3 (g-r)`` (max 2.9), ``r-i = 0.38 (g-r) - 0.05 + 4 max(0, g-r-1.2)``,
-  ``i-z = 0.45 (r-i)``, ``z-y = 0.25 (i-z)``;
+  ``i-z = 0.45 (r-i)``, ``z-y = 0.25 (i-z)``; a metallicity-like hidden parameter
+  ``feh`` (:func:`star_feh`: N(-0.8, 0.4) dex for the blue population, N(-0.2, 0.25) for
+  the M dwarfs, clipped to [-3, 0.5]) adds the UV excess ``u-g += 0.15 (feh + 0.5)``
+  and shapes the Gaia-like photometry of the reference catalogue (``refcat.py``);
 * galaxies: ``g-r ~ U(0.3, 1.0)``, ``u-g = 0.5 + (g-r)``, ``r-i = 0.2 + 0.3 (g-r)``,
   ``i-z = 0.1 + 0.2 (g-r)``, ``z-y = 0.05 + 0.1 (g-r)``.
 
@@ -57,6 +60,7 @@ class SkyCatalog:
     rate_ra_deg_per_day: np.ndarray  # asteroids: d(ra cos dec)/dt
     rate_dec_deg_per_day: np.ndarray
     ref_id: np.ndarray  # int64, -1 when not in the reference catalog (set by refcat.assign_ref_ids)
+    feh: np.ndarray  # metallicity-like hidden parameter of stars, dex (NaN for other objects)
 
     def __len__(self) -> int:
         return int(self.truth_id.size)
@@ -148,6 +152,24 @@ def star_colours(rng: np.random.Generator, r: np.ndarray) -> dict[str, np.ndarra
     return _mags_from_colours(r, gr, ug, ri, iz, zy)
 
 
+#: metallicity of the stellar locus above (``feh`` at which the UV excess is zero), dex
+FEH_LOCUS = -0.5
+#: UV excess: d(u-g)/d(feh), mag/dex
+UV_EXCESS_MAG_PER_DEX = 0.15
+
+
+def star_feh(rng: np.random.Generator, gr: np.ndarray) -> np.ndarray:
+    """Metallicity-like hidden parameter (dex): blue (turn-off/halo, g-r <= 0.8) stars N(-0.8, 0.4),
+    red (M dwarf, disc) stars N(-0.2, 0.25); clipped to [-3, 0.5]."""
+    blue = np.asarray(gr) <= 0.8
+    return np.clip(np.where(blue, rng.normal(-0.8, 0.4, gr.size), rng.normal(-0.2, 0.25, gr.size)), -3.0, 0.5)
+
+
+def apply_uv_excess(mags: dict[str, np.ndarray], feh: np.ndarray) -> None:
+    """Metal-poor stars are brighter in u at a given g-r: ``u-g += 0.15 (feh - FEH_LOCUS)`` (in place)."""
+    mags["u"] = mags["u"] + UV_EXCESS_MAG_PER_DEX * (np.asarray(feh) - FEH_LOCUS)
+
+
 def galaxy_colours(rng: np.random.Generator, r: np.ndarray) -> dict[str, np.ndarray]:
     gr = rng.uniform(0.3, 1.0, r.size)
     return _mags_from_colours(r, gr, 0.5 + gr, 0.2 + 0.3 * gr, 0.1 + 0.2 * gr, 0.05 + 0.1 * gr)
@@ -182,9 +204,11 @@ def make_sky(config: SimulationConfig, camera: Camera, visits: list[VisitTruth])
     per = np.where(is_var, 10.0 ** rng.uniform(math.log10(config.var_period_min_d),
                                                  math.log10(config.var_period_max_d), n), 0.0)
     phase = np.where(is_var, rng.uniform(0.0, 2.0 * np.pi, n), 0.0)
+    feh = star_feh(rng_for(config.seed, "stars_feh"), gr)  # own stream: the draws above are unchanged
+    apply_uv_excess(mags, feh)
     parts.append(dict(kind=_empty(n, KIND_STAR, np.int8), ra=ra, dec=dec, epoch_mjd=_empty(n, config.refcat_epoch_mjd),
                       pmra=pm * np.sin(pa), pmdec=pm * np.cos(pa), parallax=plx, mags=mags, is_variable=is_var,
-                      var_amp_mag=amp, var_period_d=per, var_phase=phase))
+                      var_amp_mag=amp, var_period_d=per, var_phase=phase, feh=feh))
 
     # ---- galaxies
     rng = rng_for(config.seed, "galaxies")
@@ -242,13 +266,13 @@ def make_sky(config: SimulationConfig, camera: Camera, visits: list[VisitTruth])
 def _concat(parts: list[dict[str, np.ndarray]]) -> SkyCatalog:
     cols_f = ["ra", "dec", "epoch_mjd", "pmra", "pmdec", "parallax", "var_amp_mag", "var_period_d", "var_phase",
               "bulge_frac", "bulge_hlr_arcsec", "disk_hlr_arcsec", "g1", "g2", "rate_ra_deg_per_day",
-              "rate_dec_deg_per_day"]
+              "rate_dec_deg_per_day", "feh"]
     out: dict[str, list[np.ndarray]] = {c: [] for c in cols_f + ["kind", "is_variable", "visit"]}
     mags: dict[str, list[np.ndarray]] = {b: [] for b in KNOWN_BANDS}
     for p in parts:
         n = p["kind"].size
         for c in cols_f:
-            out[c].append(np.asarray(p.get(c, _empty(n)), dtype=np.float64))
+            out[c].append(np.asarray(p.get(c, _empty(n, np.nan if c == "feh" else 0.0)), dtype=np.float64))
         out["kind"].append(p["kind"])
         out["is_variable"].append(np.asarray(p.get("is_variable", _empty(n, False, bool)), dtype=bool))
         out["visit"].append(np.asarray(p.get("visit", _empty(n, -1, np.int64)), dtype=np.int64))
@@ -261,4 +285,5 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> SkyCatalog:
                       ref_id=np.full(ntot, -1, dtype=np.int64), **cat)
 
 
-__all__ = ["SkyCatalog", "make_sky", "power_law_mags", "cap_radius_deg"]
+__all__ = ["SkyCatalog", "make_sky", "power_law_mags", "cap_radius_deg", "star_colours", "star_feh",
+           "apply_uv_excess"]

@@ -22,7 +22,7 @@ from ..config.simulation import SimulationConfig
 #: AB magnitude of 1 nJy: m_AB = AB_NJY_ZERO_POINT - 2.5 log10(flux / nJy).
 AB_NJY_ZERO_POINT = 31.4
 
-#: Moffat index of the PSF (fixed: stages rely on its wings).
+#: Default Moffat index (``psf_model: moffat``; the config field psf_moffat_beta).
 MOFFAT_BETA = 3.5
 
 KIND_STAR, KIND_GALAXY, KIND_TRANSIENT, KIND_ASTEROID = 0, 1, 2, 3

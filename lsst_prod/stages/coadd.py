@@ -22,7 +22,7 @@ from astropy.wcs import WCS
 
 from ..algorithms import masks
 from ..algorithms.detect import detect_sources
-from ..algorithms.psf import PsfModel, fit_psf, select_psf_candidates
+from ..algorithms.psf import PsfModel, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
 from ..algorithms.resample import warp_exposure, warp_psf
 from ..algorithms.stack import WarpInput, coadd_psf, select_best_seeing, stack_warps
 from ..camera import Camera, nominal_wcs_header
@@ -200,9 +200,19 @@ def _coadd_psf(image, variance, mask, cfg: CoaddConfig, fallback: np.ndarray | N
     work_mask = mask.copy()
     fp = detect_sources(image, variance, work_mask, sigma0, threshold=20.0)
     cand = select_psf_candidates(image, variance, work_mask, fp)
+    fwhm = candidates_fwhm(cand)  # the coadd's seeing, from its PSF candidates (stamps follow it)
+    if np.isfinite(fwhm) and psf_stamp_size(fwhm, per_fwhm=3.0) > 25:
+        cand = select_psf_candidates(image, variance, work_mask, fp, stamp_size=psf_stamp_size(fwhm, per_fwhm=3.0))
+    if cfg.psf_stamp_pixels != "auto":
+        stamp = int(cfg.psf_stamp_pixels)
+    elif np.isfinite(fwhm):
+        stamp = psf_stamp_size(fwhm)
+    else:
+        stamp = fallback.shape[0] if fallback is not None else psf_stamp_size(0.0)
     try:
-        return fit_psf(image, variance, work_mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
-                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+        return fit_psf(image, variance, work_mask, cand.x, cand.y, image.shape, stamp_size=stamp,
+                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
+                       min_stars_per_term=cfg.psf_min_stars_per_term)
     except AlgorithmError as exc:
         if fallback is None:
             raise AlgorithmError(f"coadd PSF: {exc}", **getattr(exc, "metadata", {})) from None

@@ -7,42 +7,94 @@ import math
 import numpy as np
 from astropy.wcs import WCS
 
-from ..algorithms.apcorr import ApertureCorrection, fit_aperture_correction
+from ..algorithms.apcorr import ApertureCorrection, fit_aperture_correction, kolmogorov_wing_fraction
 from ..algorithms.neighbours import aperture_flux_without_neighbours
 
 SKY_ANNULUS_PIX = (50.0, 70.0)  # measure_sources' default local-background annulus
 
 
+def sky_annulus_for(ref_radius: float) -> tuple[float, float]:
+    """Local-background annulus for an aperture-correction radius: the default (50, 70) pixels, moved out to
+    (2, 2.8) x the radius when that is larger, so that the PSF wings within it stay negligible."""
+    return max(SKY_ANNULUS_PIX[0], 2.0 * ref_radius), max(SKY_ANNULUS_PIX[1], 2.8 * ref_radius)
+
+
 def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[str, np.ndarray],
-                     stars: np.ndarray, radius: float, robust_constant: bool = False) -> ApertureCorrection:
+                     stars: np.ndarray, radius: float, robust_constant: bool = False,
+                     sky_annulus: tuple[float, float] | None = None, fwhm: float | None = None,
+                     total_flux: bool = False, measure_radius: float | None = None,
+                     diffraction: tuple[float, float] = (0.0, 0.0)) -> ApertureCorrection:
     """Aperture correction (reference aperture / PSF flux) from the rows ``stars`` (bright isolated
     stars), their reference apertures measured with every other source's PSF model subtracted and
-    the local annulus background removed (crowded fields; see algorithms/neighbours.py)."""
+    the local annulus background removed (crowded fields; see algorithms/neighbours.py).  ``cols["sky"]``
+    must come from ``sky_annulus`` (default: :func:`sky_annulus_for` the radius).
+
+    ``fwhm`` (pixels): apertures that cross the image edge are completed with the star's own PSF model
+    (stars closer than 3 FWHM to the edge are left out); without it they are left out.
+    ``total_flux``: the correction goes on to the total flux, with the light of a Kolmogorov PSF of the
+    model's FWHM (at the detector centre) beyond the radius
+    (:func:`~lsst_prod.algorithms.apcorr.kolmogorov_wing_fraction`, convolved with the telescope's Airy
+    pattern: ``diffraction`` = (lambda/D in pixels, linear obscuration)) in ``total_factor``.  ``measure_radius`` (with ``total_flux``): the stars' apertures are measured at this
+    smaller radius, where their S/N is higher and a local-background error weighs less, and the
+    Kolmogorov wing carries the light beyond it (``total_factor``).  With 1-2 usable stars the correction is their weighted mean (order 0) with its
+    error; with none it is an AlgorithmError."""
+    sky_annulus = sky_annulus if sky_annulus is not None else sky_annulus_for(radius)
+    if total_flux and measure_radius is not None:
+        radius = min(float(radius), float(measure_radius))
     leaf = cols["deblend_nChild"] == 0
-    idx = np.flatnonzero(stars & leaf & (cols["parent_index"] < 0) & np.isfinite(cols["psfFlux"])
-                         & (cols["psfFlux"] > 0))
-    ref_flux, ref_err, ref_flag = aperture_flux_without_neighbours(
-        image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx, radius)
-    area = math.pi * radius**2
+    idx = np.flatnonzero(stars & leaf & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0))
+    ref_flux, ref_err, ref_flag, area = aperture_flux_without_neighbours(
+        image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx, radius, fwhm=fwhm,
+        diffraction=diffraction)
     ref_flux = ref_flux - cols["sky"][idx] * area
-    n_annulus = math.pi * (SKY_ANNULUS_PIX[1] ** 2 - SKY_ANNULUS_PIX[0] ** 2)
+    r_in, r_out = sky_annulus
+    n_annulus = math.pi * (r_out**2 - r_in**2)
     ref_err = np.hypot(ref_err, cols["skyErr"][idx] * area / math.sqrt(n_annulus))
     ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx]
+    factor = 1.0
+    if total_flux:
+        cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
+        f = float(fwhm) if fwhm is not None else float(psf.fwhm_at(cx, cy))
+        factor = 1.0 + kolmogorov_wing_fraction(round(f, 3), round(float(radius), 3), *diffraction)
     if robust_constant:
         # A constant: the median ratio (contamination of large apertures is one-sided, so a weighted
         # mean or polynomial is pulled up by it; on coadds the PSF model varies little anyway).
         ratio = ref_flux[ok] / cols["psfFlux"][idx][ok]
         if len(ratio) < 3:
             return ApertureCorrection(0, np.array([1.0]), np.zeros((1, 1)), image.shape, int(len(ratio)),
-                                      float("nan"), float("nan"), 0.0, radius)
+                                      float("nan"), float("nan"), 0.0, radius, factor)
         med = float(np.median(ratio))
         mad = 1.4826 * float(np.median(np.abs(ratio - med)))
         err = 1.2533 * mad / math.sqrt(len(ratio))
         return ApertureCorrection(0, np.array([med]), np.array([[err**2]]), image.shape, int(len(ratio)), mad, err,
-                                  0.0, radius)
-    return fit_aperture_correction(cols["x"][idx][ok], cols["y"][idx][ok], cols["psfFlux"][idx][ok],
-                                   cols["psfFluxErr"][idx][ok], ref_flux[ok], ref_err[ok],
-                                   np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)
+                                  0.0, radius, factor)
+    psf_flux, psf_err = cols["psfFlux"][idx][ok], cols["psfFluxErr"][idx][ok]
+    good = (ref_flux[ok] > 0) & (ref_err[ok] > 0) & (psf_err > 0)
+    if 0 < good.sum() < 3:
+        ratio = ref_flux[ok][good] / psf_flux[good]
+        sig = ratio * np.hypot(ref_err[ok][good] / ref_flux[ok][good], psf_err[good] / psf_flux[good])
+        w = 1.0 / sig**2
+        mean = float(np.sum(w * ratio) / np.sum(w))
+        var = max(1.0 / float(np.sum(w)), float(np.var(ratio)))  # the spread of 2 stars, when it is larger
+        err = math.sqrt(var)
+        return ApertureCorrection(0, np.array([mean]), np.array([[var]]), image.shape, int(good.sum()),
+                                  float(np.std(ratio)) / mean, err / mean, 0.0, radius, factor)
+    fit = fit_aperture_correction(cols["x"][idx][ok], cols["y"][idx][ok], psf_flux, psf_err, ref_flux[ok],
+                                  ref_err[ok], np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)
+    return fit.with_total_factor(factor)
+
+
+BAND_WAVELENGTH_NM = {"u": 368.0, "g": 480.0, "r": 620.0, "i": 754.0, "z": 869.0, "y": 971.0}
+
+
+def diffraction_pixels(cfg, band: str, pixel_scale_arcsec: float) -> tuple[float, float]:
+    """(lambda/D in pixels, linear obscuration) of the telescope in ``band`` (0, 0 when unknown);
+    ``cfg`` has ``telescope_diameter_m`` and ``telescope_obscuration`` (single_frame, objects)."""
+    lam = BAND_WAVELENGTH_NM.get(band)
+    if lam is None or cfg.telescope_diameter_m <= 0:
+        return 0.0, 0.0
+    lod_arcsec = lam * 1e-9 / cfg.telescope_diameter_m * 180.0 / math.pi * 3600.0
+    return lod_arcsec / pixel_scale_arcsec, float(cfg.telescope_obscuration)
 
 
 def relcal_zero_points(ctx) -> dict[tuple[int, int], float]:

@@ -29,7 +29,8 @@ from ..algorithms.forced import forced_psf_photometry
 from ..algorithms.kron import kron_photometry
 from ..algorithms.measure import measure_sources
 from ..algorithms.merge import merge_detections
-from ..algorithms.psf import PsfModel
+from ..algorithms.apcorr import apcorr_measure_radius
+from ..algorithms.psf import PsfModel, apcorr_radius
 from ..config.stages import ForcedConfig, ObjectsConfig
 from ..errors import NoWorkFound
 from ..ids import ObjectIdFactory
@@ -37,8 +38,9 @@ from ..repo import DataId
 from ..repo.formats import read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
-from .common import fit_apcorr_clean, relcal_zero_points, wcs_from_header
+from .common import diffraction_pixels, fit_apcorr_clean, relcal_zero_points, sky_annulus_for, wcs_from_header
 
+PEAK_SMOOTHING = 0.5  # peak-finding image: Gaussian of 0.5 sigma_PSF (docs/algorithms-objects.md)
 MEASURED = ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr", "ap25Flux", "ap25FluxErr", "gaussianFlux",
             "gaussianFluxErr", "extendedness", "ixx", "iyy", "ixy", "psfFlux_flag", "pixelFlags_saturatedCenter")
 
@@ -72,13 +74,15 @@ class ObjectsStage(Stage):
             raise NoWorkFound(f"no coadd for {ctx.data_id} (patch barely covered)")
         psfs = {b: PsfModel.from_fits(*coadds[b].psf) for b in bands}
         shape = coadds[bands[0]].image.shape
+        pixel_scale = float(SkyMapConfig(**ctx.extra["skymap"]).pixel_scale_arcsec)
         per_band: dict[str, Footprints] = {}
         for b in bands:
             e = coadds[b]
             m = e.mask.copy()
             cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+            # peaks on the lightly smoothed coadd, kept by their significance over the saddles
             per_band[b] = detect_sources(e.image, e.variance, m, psfs[b].sigma_at(cx, cy),
-                                         threshold=cfg.detection_threshold_sigma)
+                                         threshold=cfg.detection_threshold_sigma, peak_smoothing=PEAK_SMOOTHING)
         merged = merge_detections(per_band, shape)
         if merged.footprints.n_peaks == 0:
             raise NoWorkFound(f"no detection on the coadds of {ctx.data_id}")
@@ -95,9 +99,16 @@ class ObjectsStage(Stage):
         for b in bands:
             e = coadds[b]
             # DETECTED marks every merged footprint, so local backgrounds exclude the sources' light
-            mb = measure_sources(e.image, e.variance, e.mask | detected, merged.footprints, psfs[b])
-            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), cfg.apcorr_reference_radius_pixels,
-                                   robust_constant=True)
+            fwhm = float(psfs[b].fwhm_at((shape[1] - 1) / 2, (shape[0] - 1) / 2))
+            auto = cfg.apcorr_reference_radius_pixels == "auto"
+            radius = apcorr_radius(fwhm) if auto else float(cfg.apcorr_reference_radius_pixels)
+            mb = measure_sources(e.image, e.variance, e.mask | detected, merged.footprints, psfs[b],
+                                 sky_annulus=sky_annulus_for(radius))
+            # as in single_frame: stars measured within max(12, 4 FWHM) (a large aperture in a crowded
+            # coadd carries neighbours' and confusion light), the PSF's wing beyond added from theory
+            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
+                                   fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
+                                   diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0))
             ac = apc(mb["x"], mb["y"])
             mb["psfFlux"] = mb["psfFlux"] * ac
             mb["psfFluxErr"] = mb["psfFluxErr"] * ac

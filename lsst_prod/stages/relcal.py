@@ -36,6 +36,7 @@ from ..algorithms.relcal import (
     make_astrometric_stars,
     make_photometric_part,
     match_sources,
+    reference_colours,
     reference_magnitudes,
     select_good_sources,
 )
@@ -184,7 +185,9 @@ class RelcalStage(Stage):
         zp_err = np.full(len(cv_ids), np.nan)
         n_stars_phot = np.zeros(len(cv_ids), int)
         phot_summary: dict[str, Any] = {}
-        is_var = np.asarray(ref.get("is_variable", np.zeros(len(ref["ra"]), bool)), bool)
+        # the refcat's phot_variable_flag is incomplete: the missed variables are caught by the clipping of
+        # measurements and of reference priors (clip_photometric_references)
+        is_var = np.asarray(ref.get("phot_variable_flag", np.zeros(len(ref["ra"]), bool)), bool)
         for band in sorted(set(bands)):
             kb = np.flatnonzero(bands == band)
             kmap = np.full(len(cv_ids), -1)
@@ -209,7 +212,12 @@ class RelcalStage(Stage):
                     minimum=cfg.min_reference_stars_per_band, n_left_out=len(ctx.left_out))
             ref_mag, ref_err = reference_magnitudes(match.star_ref_index[stars_b], ref[f"{band}_flux"],
                                                     ref[f"{band}_fluxErr"], usable=~is_var)
-            sol = fit_photometry(part, cv_b, ref_mag, ref_err, nsigma=cfg.nsigma, max_iter=cfg.max_iter,
+            colour_kw = {}
+            if cfg.phot_colour_term and "bp_rp" in ref:
+                colour_kw = dict(star_ref_colour=reference_colours(match.star_ref_index[stars_b], ref["bp_rp"]),
+                                 colour_pivot=cfg.phot_colour_pivot,
+                                 colour_term_prior_sigma=cfg.phot_colour_term_prior_sigma)
+            sol = fit_photometry(part, cv_b, ref_mag, ref_err, nsigma=cfg.nsigma, max_iter=cfg.max_iter, **colour_kw,
                                  allreduce=allreduce)
             zp[kb] = sol.zero_point
             zp_err[kb] = sol.zero_point_err

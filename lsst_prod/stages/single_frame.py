@@ -25,21 +25,23 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from ..algorithms import masks
-from ..algorithms.astrometry import fit_wcs, propagate_positions
+from ..algorithms.apcorr import apcorr_measure_radius
+from ..algorithms.astrometry import fit_wcs, match_to_reference, propagate_positions, reserve_mask
 from ..algorithms.background import estimate_background
 from ..algorithms.cosmicray import find_cosmic_rays, repair_cosmic_rays
 from ..algorithms.detect import detect_sources
 from ..algorithms.isr import run_isr
 from ..algorithms.measure import measure_sources
 from ..algorithms.photocal import fit_zero_point
-from ..algorithms.psf import fit_psf, select_psf_candidates
+from ..algorithms.psf import apcorr_radius, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
 from ..camera import Camera
 from ..config.stages import SingleFrameConfig
 from ..errors import AlgorithmError
 from ..ids import SourceIdFactory, ccd_visit_id
 from ..repo.formats import Exposure, read_columns, read_image, table_from_columns, write_exposure, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
-from .common import fit_apcorr_clean, wcs_from_header
+from .common import fit_apcorr_clean, sky_annulus_for, wcs_from_header
+from .common import diffraction_pixels as _diffraction
 from .source_schema import SOURCE_UNITS, build_source_columns
 
 NJY_AB_ZERO = 31.4  # AB mag of 1 nJy
@@ -104,9 +106,11 @@ class SingleFrameStage(Stage):
         image = image - bg.image
         sigma_guess = cfg.initial_seeing_arcsec / pixel_scale / 2.3548
         fp = detect_sources(image, variance, mask, sigma_guess, threshold=max(10.0, cfg.detection_threshold_sigma))
-        cand = select_psf_candidates(image, variance, mask, fp)
-        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
-                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+        cand, fwhm_cand = _psf_candidates(image, variance, mask, fp)
+        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
+                      stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_cand),
+                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
+                      min_stars_per_term=cfg.psf_min_stars_per_term)
         cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
         fwhm_pix = float(psf.fwhm_at(cx, cy))
 
@@ -124,29 +128,49 @@ class SingleFrameStage(Stage):
         mask &= ~np.uint32(masks.DETECTED)
         fp = detect_sources(image, variance, mask, psf.sigma_at(cx, cy), threshold=cfg.detection_threshold_sigma)
         mask |= (fp.labels > 0).astype(np.uint32) * masks.DETECTED
-        cand = select_psf_candidates(image, variance, mask, fp)
-        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, stamp_size=cfg.psf_stamp_pixels,
-                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars)
+        # In poor seeing the 5-sigma footprints of a crowded field merge (fewer single-peak stars): keep the
+        # first pass's candidates (10-sigma footprints) when they are more numerous.
+        cand = max(_psf_candidates(image, variance, mask, fp, fwhm_pix)[0], cand, key=lambda c: c.n)
+        psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
+                      stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix),
+                      spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
+                      min_stars_per_term=cfg.psf_min_stars_per_term)
         fwhm_pix = float(psf.fwhm_at(cx, cy))
         log.info("[%s] PSF FWHM %.2f px from %d stars; %d footprints, %d CR pixels",
                  did, fwhm_pix, psf.n_stars, fp.n_footprints, n_cr)
 
         # 5. measurement + aperture correction
-        cols = measure_sources(image, variance, mask, fp, psf, background_rms=background.rms)
+        ref_radius = (apcorr_radius(fwhm_pix) if cfg.apcorr_reference_radius_pixels == "auto"
+                      else float(cfg.apcorr_reference_radius_pixels))
+        cols = measure_sources(image, variance, mask, fp, psf, background_rms=background.rms,
+                               sky_annulus=sky_annulus_for(ref_radius))
         n = len(cols["x"])
         if n == 0:
             raise AlgorithmError("no sources detected", n_footprints=fp.n_footprints)
         # Candidates are the stars given to the PSF fit (which clips n_rejected of them as outliers).
         psf_cand = _nearest_flags(cols["x"], cols["y"], cand.x, cand.y, 1.5)
         psf_used = psf_cand
-        apcorr = fit_apcorr_clean(image, variance, psf, cols, psf_cand, cfg.apcorr_reference_radius_pixels)
+        # Aperture-correction stars: the PSF candidates and every other bright (S/N >= 50) unsaturated,
+        # unblended point source (in poor seeing the candidates' isolation cut leaves only a handful);
+        # apertures crossing the edge are completed with the PSF model.  The correction goes on to the TOTAL
+        # flux (the refcat's magnitudes are total): apertures of 4 FWHM, then the PSF model's r^-11/3 wing
+        # beyond (an 8-FWHM aperture is 2x noisier and its local background 4x more exposed).
+        apcorr = fit_apcorr_clean(image, variance, psf, cols, psf_cand | apcorr_stars(cols), ref_radius,
+                                  fwhm=fwhm_pix, total_flux=True,
+                                  measure_radius=apcorr_measure_radius(fwhm_pix),
+                                  diffraction=_diffraction(cfg, band, pixel_scale))
         ac = apcorr(cols["x"], cols["y"])
 
         # 6. astrometry
         wcs0 = wcs_from_header(hdr)
         mjd_mid = float(hdr["MJD-OBS"]) + float(hdr["EXPTIME"]) / 2.0 / 86400.0
         refcat = read_columns(ctx.input_path("refcat"))
-        ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=cfg.astrometry_search_radius_arcsec / pixel_scale + 50)
+        # margin: the pointing error plus how far a rotator error about the boresight (CRPIX) moves the corners
+        corner_r = np.hypot(np.array([0, image.shape[1] - 1]) - (wcs0.wcs.crpix[0] - 1),
+                            np.array([[0], [image.shape[0] - 1]]) - (wcs0.wcs.crpix[1] - 1)).max()  # fmt: skip
+        margin_pix = (cfg.astrometry_search_radius_arcsec / pixel_scale
+                      + math.radians(cfg.astrometry_max_rotation_deg) * corner_r + 50)  # fmt: skip
+        ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=margin_pix)
         if len(ref["ra"]) < cfg.astrometry_min_matches:
             raise AlgorithmError(f"only {len(ref['ra'])} reference stars over the detector", n_ref=len(ref["ra"]))
         ref_ra, ref_dec = propagate_positions(ref["ra"], ref["dec"], ref["pmra"], ref["pmdec"], ref["parallax"],
@@ -155,26 +179,59 @@ class SingleFrameStage(Stage):
             & ~cols["pixelFlags_edge"] & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 10 * cols["psfFluxErr"])
         sel = np.flatnonzero(usable)
         ref_mag = NJY_AB_ZERO - 2.5 * np.log10(np.clip(ref[f"{band}_flux"], 1e-3, None))
-        astrom = fit_wcs(cols["x"][sel], cols["y"][sel], cols["psfFlux"][sel], wcs0, ref_ra, ref_dec, ref_mag,
-                         search_radius_arcsec=cfg.astrometry_search_radius_arcsec, sip_order=cfg.astrometry_sip_order,
-                         detector_shape=image.shape, min_matches=cfg.astrometry_min_matches)
+        # held-out reference stars (by refcat id: the same star in every visit), unless too few would remain
+        reserved = reserve_mask(ref["ref_id"], cfg.astrometry_reserve_fraction)
+        rx0, ry0 = wcs0.all_world2pix(ref_ra, ref_dec, 0)
+        on_det = (rx0 >= 0) & (rx0 <= image.shape[1] - 1) & (ry0 >= 0) & (ry0 <= image.shape[0] - 1)
+        n_fit_min = max(20, 4 * cfg.astrometry_min_matches)
+        reserve_note = ""
+        if reserved.any() and int((on_det & ~reserved).sum()) < n_fit_min:
+            reserve_note = (f"no reference stars reserved: {int(on_det.sum())} over the detector, "
+                            f"fewer than {n_fit_min} would remain for the fit")  # fmt: skip
+            reserved[:] = False
+        fit_idx = np.flatnonzero(~reserved)
+        astrom = fit_wcs(cols["x"][sel], cols["y"][sel], cols["psfFlux"][sel], wcs0, ref_ra[fit_idx], ref_dec[fit_idx],
+                         ref_mag[fit_idx], search_radius_arcsec=cfg.astrometry_search_radius_arcsec,
+                         max_rotation_deg=cfg.astrometry_max_rotation_deg, sip_order=cfg.astrometry_sip_order,
+                         detector_shape=image.shape, min_matches=cfg.astrometry_min_matches)  # fmt: skip
         wcs = astrom.wcs
         ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)
         src_matched = sel[astrom.matched_src_index]
-        ref_matched = np.asarray(astrom.matched_ref_index)
+        # usable sources matched to the reserved stars as the fit matches its own (radius clip(5 rms, 0.5", 2"))
+        astrometry_reserved = np.zeros(n, bool)
+        res_idx = np.flatnonzero(reserved)
+        cand = np.setdiff1d(sel, src_matched)
+        if len(res_idx) and len(cand):
+            radius = float(np.clip(5.0 * astrom.rms_arcsec, 0.5, 2.0))
+            si, _ = match_to_reference(ra[cand], dec[cand], ref_ra[res_idx], ref_dec[res_idx], radius)
+            astrometry_reserved[cand[si]] = True
 
-        # 7. photometric calibration on aperture-corrected PSF fluxes of matched, unsaturated, non-variable stars
-        inst = cols["psfFlux"][src_matched] * ac[src_matched]
-        inst_err = cols["psfFluxErr"][src_matched] * ac[src_matched]
-        pc_ok = (~np.asarray(ref["is_variable"])[ref_matched]) & np.isfinite(inst) & (inst > 0)
+        # 7. photometric calibration on aperture-corrected PSF fluxes of unsaturated stars matched to ALL the
+        # reference stars (those reserved from the astrometric fit too: they are not reserved from photometry;
+        # the astrometric fit's own clipping is no reason to drop a star either) and not flagged variable by the
+        # refcat (its flag is incomplete: fit_zero_point's clipping catches the missed ones)
+        pc_radius = float(np.clip(5.0 * astrom.rms_arcsec, 0.5, 2.0))
+        pc_si, pc_ri = match_to_reference(ra[sel], dec[sel], ref_ra, ref_dec, pc_radius)
+        src_pc, ref_pc = sel[pc_si], np.asarray(pc_ri)
+        inst = cols["psfFlux"][src_pc] * ac[src_pc]
+        inst_err = cols["psfFluxErr"][src_pc] * ac[src_pc]
+        var_flag = np.asarray(ref.get("phot_variable_flag", np.zeros(len(ref["ra"]), bool)), bool)
+        pc_ok = (~var_flag[ref_pc]) & np.isfinite(inst) & (inst > 0)
         if pc_ok.sum() < cfg.photocal_min_stars:
             raise AlgorithmError(f"only {int(pc_ok.sum())} stars for photometric calibration",
                                  n_photocal=int(pc_ok.sum()))
-        phot = fit_zero_point(inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_matched][pc_ok],
-                              ref[f"{band}_fluxErr"][ref_matched][pc_ok], min_stars=cfg.photocal_min_stars)
+        colour_kw = {}
+        if cfg.photocal_colour_term and "bp_rp" in ref:
+            colour_kw = dict(colour=np.asarray(ref["bp_rp"], float)[ref_pc][pc_ok],
+                             colour_pivot=cfg.photocal_colour_pivot, colour_term_prior=cfg.photocal_colour_term_prior,
+                             colour_term_prior_sigma=cfg.photocal_colour_term_prior_sigma,
+                             colour_min_stars=cfg.photocal_colour_term_min_stars)
+        phot = fit_zero_point(inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_pc][pc_ok],
+                              ref[f"{band}_fluxErr"][ref_pc][pc_ok], min_stars=cfg.photocal_min_stars,
+                              **colour_kw)
         calib = float(phot.nJy_per_electron)
         photometry_used = np.zeros(n, bool)
-        photometry_used[src_matched[pc_ok][np.asarray(phot.used, bool)]] = True
+        photometry_used[src_pc[pc_ok][np.asarray(phot.used, bool)]] = True
         astrometry_used = np.zeros(n, bool)
         astrometry_used[src_matched] = True
 
@@ -185,6 +242,7 @@ class SingleFrameStage(Stage):
             cols, source_ids=source_ids, ra=ra, dec=dec, wcs=wcs, calib=calib, apcorr=ac, apcorr_err=apcorr.error_at(cols["x"], cols["y"]),
             visit=visit, detector=detector, band=band, physical_filter=hdr["FILTER"], psf_used=psf_used,
             psf_candidate=psf_cand, astrometry_used=astrometry_used, photometry_used=photometry_used,
+            astrometry_reserved=astrometry_reserved,
         )
         # No run name or timestamp in the files: a re-run (or another run) of the same quantum writes
         # byte-identical outputs, which restart and fault tests compare by checksum.
@@ -201,7 +259,7 @@ class SingleFrameStage(Stage):
             "INSTRUME": hdr.get("INSTRUME"), "VISIT": visit, "DETECTOR": detector, "BAND": band,
             "FILTER": hdr["FILTER"], "EXPTIME": float(hdr["EXPTIME"]), "MJD-OBS": float(hdr["MJD-OBS"]),
             "MJD-MID": mjd_mid, "DATE-OBS": hdr.get("DATE-OBS"), "AIRMASS": hdr.get("AIRMASS"),
-            "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "BUNIT": "electron",
+            "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "MAGCTERM": float(phot.colour_term), "BUNIT": "electron",
             "PSFFWHM": fwhm_pix * pixel_scale, "PIXSCALE": pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
             "ASTRRMS": astrom.rms_arcsec, "ASTRNMAT": int(astrom.n_matched), "SKYBG": float(background.global_level),
             "SKYNOISE": sky_noise, "NCRPIX": n_cr, "RELEASE": ctx.release_id,
@@ -248,9 +306,51 @@ class SingleFrameStage(Stage):
         ctx.summary.update(
             n_sources=n, n_psf_stars=int(psf.n_stars), psf_fwhm_arcsec=fwhm_pix * pixel_scale,
             zero_point=float(phot.zero_point), n_astrom_matches=int(astrom.n_matched),
+            n_astrom_reserved=int(astrometry_reserved.sum()), astrom_reserve_note=reserve_note,
+            astrom_match_method=astrom.match_method, astrom_log10_false_alarm=float(astrom.log10_false_alarm),
             astrom_rms_mas=float(astrom.rms_arcsec) * 1000.0, photocal_rms_mmag=float(phot.rms_mmag),
+            photocal_colour_term=float(phot.colour_term), photocal_colour_term_fitted=bool(phot.colour_term_fitted),
             n_cr_pixels=n_cr, mag_lim=float(mag_lim),
         )
+
+
+def apcorr_stars(cols: dict[str, np.ndarray], min_snr: float = 50.0, max_blendedness: float = 0.05) -> np.ndarray:
+    """Rows usable as aperture-correction stars: isolated or barely blended leaves, unsaturated,
+    point-like (extendedness 0), with a clean centre and PSF flux S/N >= ``min_snr``, footprint off the
+    border.  Neighbours are subtracted and edge-crossing apertures completed by fit_apcorr_clean."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = cols["psfFlux"] / cols["psfFluxErr"]
+    # blend children whose neighbours hold < 5 % of the light in their 12-px aperture count: in poor seeing
+    # most bright stars share a footprint (at 2" on the test field, 7 of the 99 S/N >= 50 rows are alone)
+    unblended = (cols["parent_index"] < 0) | (cols["blendedness_abs"] < max_blendedness)
+    return (unblended & (cols["deblend_nChild"] == 0) & ~cols["pixelFlags_saturated"]
+            & ~cols["pixelFlags_edge"] & ~cols["pixelFlags_crCenter"] & ~cols["pixelFlags_interpolatedCenter"]
+            & ~cols["psfFlux_flag"] & (cols["extendedness"] == 0) & (snr >= min_snr))
+
+
+#: LSST bands' effective wavelengths (nm), for the telescope's diffraction in the PSF wings.
+
+
+
+def _stamp_pixels(setting: int | str, fwhm_pix: float) -> int:
+    """The PSF model stamp size: the configured integer, or 'auto' from the measured FWHM (pixels)."""
+    if setting != "auto":
+        return int(setting)
+    if not np.isfinite(fwhm_pix):
+        raise AlgorithmError("no PSF candidates to measure the seeing on", n_candidates=0)
+    return psf_stamp_size(fwhm_pix)
+
+
+def _psf_candidates(image, variance, mask, fp, fwhm_pix: float | None = None):
+    """PSF candidates selected in stamps of max(25, 3 FWHM) (isolation and adaptive moments), and their
+    median FWHM.  Without a FWHM, a first selection in 25-pixel stamps measures it."""
+    if fwhm_pix is None:
+        cand = select_psf_candidates(image, variance, mask, fp)
+        fwhm_pix = candidates_fwhm(cand)
+        if not np.isfinite(fwhm_pix) or psf_stamp_size(fwhm_pix, per_fwhm=3.0) == 25:
+            return cand, fwhm_pix
+    cand = select_psf_candidates(image, variance, mask, fp, stamp_size=psf_stamp_size(fwhm_pix, per_fwhm=3.0))
+    return cand, candidates_fwhm(cand)
 
 
 def _nearest_flags(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:

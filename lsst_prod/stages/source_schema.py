@@ -39,8 +39,14 @@ def build_source_columns(
     cols: dict[str, np.ndarray], *, source_ids: np.ndarray, ra: np.ndarray, dec: np.ndarray, wcs: WCS, calib: float,
     apcorr: np.ndarray, apcorr_err: np.ndarray | float, visit: int, detector: int, band: str, physical_filter: str,
     psf_used: np.ndarray, psf_candidate: np.ndarray, astrometry_used: np.ndarray, photometry_used: np.ndarray,
+    astrometry_reserved: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Assemble the DP1-named Source columns; fluxes in nJy (PSF flux aperture-corrected)."""
+    """Assemble the DP1-named Source columns; fluxes in nJy (PSF flux aperture-corrected).
+
+    ``calib_astrometry_used``: matched to a reference star and kept by the WCS fit;
+    ``calib_astrometry_reserved``: matched to a reference star held out of the fit (the same
+    stars in every visit), for validating the astrometry.
+    """
     n = len(source_ids)
     parent = np.asarray(cols["parent_index"])
     out: dict[str, Any] = {"sourceId": source_ids}
@@ -84,6 +90,8 @@ def build_source_columns(
     out["calib_psf_candidate"] = np.asarray(psf_candidate, bool)
     out["calib_psf_used"] = np.asarray(psf_used, bool)
     out["calib_astrometry_used"] = np.asarray(astrometry_used, bool)
+    out["calib_astrometry_reserved"] = (np.zeros(n, bool) if astrometry_reserved is None
+                                        else np.asarray(astrometry_reserved, bool))  # fmt: skip
     out["calib_photometry_used"] = np.asarray(photometry_used, bool)
     out["sky_source"] = np.zeros(n, bool)
     out["visit"] = np.full(n, visit, np.int64)

@@ -10,7 +10,8 @@
   positions (``source_calibrated``) of bright isolated unsaturated stars (PSF S/N > 300) and
   their true positions at each epoch.
 The same quantities for the single-frame calibration (``*_single_frame``) are reported beside
-them, on the same ccdvisits and stars.
+them, on the same ccdvisits and stars.  Sources are matched one-to-one to truth within 2 px
+(``matching.unique_match``).
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from ..repo import Repository
 from ..repo.formats import read_columns
+from . import checks as C
+from .matching import unique_match
 
 BRIGHT_SNR = 300.0
 PHOT_SNR = 100.0
+ZP_RMS_MAX_MMAG = 5.0
+ASTROMETRY_RMS_MAX_MAS = 10.0
 
 
 
-def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
+def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """(metrics, checks), or None if the run has no relcal solution."""
     sols = repo.query("relcal_solution", [run])
     if not sols:
         return None
@@ -54,9 +59,8 @@ def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
         sf = read_columns(repo.path_of(repo.find("source", did, [run])))
         t = read_columns(repo.get_path("truth_sources", did, ["truth"]))
         leaf = cal["deblend_nChild"] == 0
-        d, j = cKDTree(np.column_stack([cal["x"][leaf], cal["y"][leaf]])).query(
-            np.column_stack([t["x"], t["y"]]), distance_upper_bound=2.0)
-        ok = np.isfinite(d) & (t["kind"] == "star") & ~t["is_saturated"].astype(bool) & (
+        j = unique_match(np.column_stack([t["x"], t["y"]]), np.column_stack([cal["x"][leaf], cal["y"][leaf]]), 2.0)
+        ok = (j >= 0) & (t["kind"] == "star") & ~t["is_saturated"].astype(bool) & (
             (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01))
         jj = np.flatnonzero(leaf)[j[ok]]
         snr = cal["psfFlux"][jj] / cal["psfFluxErr"][jj]
@@ -71,7 +75,7 @@ def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
             store.append(np.hypot(dra, ddec) * 3.6e6)
     sep_rel = np.concatenate(sep_rel) if sep_rel else np.array([np.nan])
     sep_sf = np.concatenate(sep_sf) if sep_sf else np.array([np.nan])
-    return {
+    m = {
         "relcal_zp_rms_mmag": rms_mmag(np.asarray(eff_rel)),
         "relcal_zp_rms_mmag_single_frame": rms_mmag(np.asarray(eff_sf)),
         "relcal_zp_rms_mmag_header": rms_mmag(zp_rel - zp_true),
@@ -82,3 +86,10 @@ def relcal_metrics(repo: Repository, run: str) -> dict[str, Any] | None:
         "relcal_astrometry_rms_mas_single_frame": float(np.sqrt(np.nanmean(sep_sf**2))),
         "relcal_astrometry_n_measurements": int(np.isfinite(sep_rel).sum()),
     }
+    checks = {
+        "relcal_zp_rms_mmag": C.check(m["relcal_zp_rms_mmag"], "<=", ZP_RMS_MAX_MMAG,
+                                      note=f"{len(eff_rel)} ccdvisits with >= 5 stars at S/N > {PHOT_SNR:g}"),
+        "relcal_astrometry_rms_mas": C.check(m["relcal_astrometry_rms_mas"], "<=", ASTROMETRY_RMS_MAX_MAS,
+                                             note=f"n={m['relcal_astrometry_n_measurements']}"),
+    }
+    return m, checks

@@ -143,7 +143,11 @@ def test_fit_wcs_raises_with_too_few_matches():
     with pytest.raises(AlgorithmError) as exc:
         fit_wcs(x[brightest], y[brightest], flux[brightest], initial, ref_ra, ref_dec, ref_mag, detector_shape=shape)
     assert exc.value.metadata["n_matched"] < 10
-    # a catalogue of a different field: no consistent offset
+    # an unrelated catalogue over the same area (another realisation): no verified match
+    _, _, _, _, other_ra, other_dec, other_mag, _, _ = _scenario(seed=4, det_id=0)
     with pytest.raises(AlgorithmError) as exc:
-        fit_wcs(x, y, flux, initial, ref_ra + 0.01, ref_dec - 0.01, ref_mag, detector_shape=shape)
-    assert "n_matched" in exc.value.metadata
+        fit_wcs(x, y, flux, initial, other_ra, other_dec, other_mag, detector_shape=shape)
+    assert "n_matched" in exc.value.metadata and exc.value.metadata["log10_false_alarm"] > -6
+    # a shift of 36" and 36" (51") is a pointing error within the 80" searched: solved
+    sol = fit_wcs(x, y, flux, initial, ref_ra + 0.01, ref_dec - 0.01, ref_mag, detector_shape=shape)
+    assert sol.n_matched > 500

@@ -311,3 +311,33 @@ def test_bands_with_different_psf_stamp_sizes_and_one_band():
     assert len(kids) == 2 and res.bands == ("r",)
     rows, _ = _match(res.catalog, PAIR, kids)
     np.testing.assert_allclose(res.catalog["r_flux"][rows] / [o["f"]["r"] for o in PAIR], 1.0, atol=0.02)
+
+
+@pytest.mark.parametrize("sep_fwhm,ratio", [(1.5, 1.0), (2.0, 1.0), (2.0, 0.3)])
+def test_close_pairs_split_with_sharp_peaks(sep_fwhm, ratio):
+    """Pairs closer than 2 r-band FWHM (4 px), brighter r S/N ~300, found on the lightly smoothed
+    peak image (``peak_smoothing=0.5``) and deblended, 10 noise realisations: the pair is split in
+    >= 8 (their noise-free peak images show dips of 10-34 sigma, test_detect; at 1.2 FWHM the dip
+    is 4.4 sigma, a marginal case: split in 16/20 there) and
+    the children's conserved r fluxes are within median 5 % of the truth, every one within 15 %."""
+    f = 1.8e4
+    objs = [dict(x=40.3, y=39.6, f={"g": f, "r": f}),
+            dict(x=40.3 + sep_fwhm * 4.0 * np.cos(0.7), y=39.6 + sep_fwhm * 4.0 * np.sin(0.7),
+                 f={"g": ratio * f * 0.8, "r": ratio * f})]
+    split, errs = 0, []
+    for seed in range(10):
+        images, variances, mks = _scene(objs, (80, 80), seed)
+        per = {b: detect_sources(images[b], variances[b], mks[b].copy(), PSFS[b].sigma_at(0, 0), peak_smoothing=0.5)
+               for b in PSFS}
+        cat = deblend_footprints(images, variances, mks, PSFS, merge_detections(per, (80, 80))).catalog
+        kids = np.flatnonzero(cat["parent_index"] >= 0)
+        if len(kids) != 2:
+            continue
+        rows, dist = _match(cat, objs, kids)
+        if len(set(rows.tolist())) == 2 and np.all(dist < 1.5):
+            split += 1
+            errs.append([cat["r_flux"][r] / o["f"]["r"] - 1 for r, o in zip(rows, objs)])
+    errs = np.abs(np.array(errs))
+    print(f"sep {sep_fwhm} ratio {ratio}: split {split}/10, median |err| {np.median(errs):.3f}, max {errs.max():.3f}")
+    assert split >= 8
+    assert np.median(errs) <= 0.05 and errs.max() <= 0.15

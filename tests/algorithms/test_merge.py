@@ -123,3 +123,17 @@ def test_edge_cases():
         merge_detections({"g": one}, (21, 20))
     with pytest.raises(ValueError):
         merge_detections({"g": one, "r": empty}, (20, 20), priority=("g",))
+
+
+def test_two_peaks_of_one_band_on_one_merged_peak_are_both_kept():
+    """A broad band's blended peak (g, between the stars) seeds; the sharp band (r) resolves the
+    pair 4 px apart, both r peaks within 3 px of the g peak: the nearer matches it, the other is new."""
+    lab = np.zeros((30, 30), np.int32)
+    lab[5:25, 5:25] = 1
+    g = _fp(lab, [(15, 15, 10.0)])
+    r = _fp(lab, [(13, 15, 30.0), (17.5, 15, 20.0)])
+    m = merge_detections({"g": g, "r": r}, (30, 30), match_radius_pix=3.0)
+    fp = m.footprints
+    assert fp.n_peaks == 2
+    assert sorted(zip(fp.peak_x.tolist(), fp.peak_y.tolist())) == [(13.0, 15.0), (17.5, 15.0)]
+    assert m.peak_detected.tolist() == [[True, True], [False, True]]

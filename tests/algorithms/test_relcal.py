@@ -29,6 +29,7 @@ from lsst_prod.algorithms.relcal import (
     make_astrometric_stars,
     make_photometric_part,
     match_sources,
+    reference_colours,
     reference_magnitudes,
     select_good_sources,
     simulate_relcal_catalogs,
@@ -224,6 +225,43 @@ def test_bad_reference_magnitudes_are_rejected(survey):
     assert abs(1e3 * np.mean(d)) <= 3.0 and 1e3 * np.std(d) <= 2.0
     assert abs(np.mean(sol.zero_point - survey.phot.zero_point)) < 1e-3
     assert sol.chi2_reference / max(sol.n_reference_stars, 1) < 2.0
+
+
+def test_global_colour_term_is_recovered():
+    """A refcat system that differs from the natural system by k (bp_rp - 1), k = 0.06 mag/mag.
+
+    With the colour term the fit recovers k (|k_fit - k| < 3 sigma and < 5 mmag/mag) and the
+    zero points as without any colour term (mean <= 3 mmag, rms <= 2 mmag); ignoring it
+    biases the absolute level by k <bp_rp - 1> (~ +27 mmag here: colours U(0.3, 3.0)).
+    """
+    k_true = 0.06
+    d = simulate_relcal_catalogs(30, 2, 300, seed=11, phot_outlier_fraction=0.01, ref_colour_term=k_true)
+    S, R, cv = d.sources, d.refcat, d.ccdvisits
+    good = select_good_sources(S["ccdvisit_index"], S["ra"], S["dec"], S["psfFlux"], S["psfFluxErr"],
+                               S["extendedness"], S["pixelFlags_saturatedCenter"], S["deblend_nChild"],
+                               S["parentSourceId"])
+    match = match_sources(S["ccdvisit_index"], S["ra"], S["dec"], cv, R["ra"], R["dec"], R["pmra"], R["pmdec"],
+                          R["parallax"], R["epoch_mjd"], good=good)
+    pairs = PairIndex.from_measurements(len(cv), match.n_stars, S["ccdvisit_index"], match.star_index)
+    part = make_photometric_part(cv, pairs, S["ccdvisit_index"], match.star_index, S["psfFlux"], S["psfFluxErr"])
+    ref_mag, ref_err = reference_magnitudes(match.star_ref_index, R["r_flux"], R["r_fluxErr"],
+                                            usable=~R["phot_variable_flag"])
+    colour = reference_colours(match.star_ref_index, R["bp_rp"])
+    sol = fit_photometry(part, cv, ref_mag, ref_err, star_ref_colour=colour, colour_pivot=1.0)
+    assert abs(sol.colour_term - k_true) < max(3 * sol.colour_term_err, 1e-4) and abs(sol.colour_term - k_true) < 0.005
+    assert 0 < sol.colour_term_err < 0.003
+    dz = sol.zero_point - d.truth["zp_true"]
+    assert abs(1e3 * np.mean(dz)) <= 3.0 and 1e3 * np.std(dz) <= 2.0
+    assert np.all(np.isfinite(sol.zero_point_err)) and np.median(sol.zero_point_err) < 0.005
+    assert sol.to_dict()["colour_term"] == sol.colour_term
+    plain = fit_photometry(part, cv, ref_mag, ref_err)
+    bias = 1e3 * np.mean(plain.zero_point - d.truth["zp_true"])
+    assert bias > 15.0  # k <c - c0> = 0.06 x 0.65 = 39 mmag before clipping and weighting
+    # no colour term in the data: k is recovered as 0 and the zero points do not move
+    sol0 = fit_photometry(part, cv, ref_mag - k_true * (np.nan_to_num(colour) - 1.0), ref_err,
+                          star_ref_colour=colour)
+    assert abs(sol0.colour_term) < max(3 * sol0.colour_term_err, 0.005)
+    assert np.max(np.abs(sol0.zero_point - sol.zero_point)) < 0.002
 
 
 def test_photometric_without_reference_is_relative_only(survey):

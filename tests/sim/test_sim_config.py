@@ -20,9 +20,9 @@ def test_defaults_are_valid_and_documented():
     "kw, fragment",
     [
         (dict(seeing_min_arcsec=1.0, seeing_max_arcsec=0.8), "seeing_min_arcsec"),
-        (dict(seeing_max_arcsec=1.3), "25 pixels"),
+        (dict(seeing_max_arcsec=3.0, pixel_scale_arcsec=0.1), "exceeds 25.0 px"),
         (dict(bands=("g", "q")), "unknown band"),
-        (dict(refcat_band="i"), "refcat_band"),
+        (dict(refcat_bright_limit=12.0, refcat_mag_limit=11.0), "refcat_bright_limit"),
         (dict(zero_point_mag={"g": 28.0}), "zero_point_mag lacks"),
         (dict(star_mag_min=24.0, star_mag_max=20.0), "star_mag_min"),
         (dict(distortion_k_per_pix2=1e-7), "distortion"),

@@ -1,0 +1,70 @@
+"""What validation reads from provenance: which stages the run has, and which quanta it left out.
+
+A stage is *enabled* when the run has at least one quantum of it that is not ``nowork``: all its
+metrics are then owed (``checks.REQUIRED``).  Metrics are computed on whatever outputs exist; the
+quanta that produced none (``failed``, or ``blocked`` behind a failure) are counted per stage so the
+report says what the numbers do not cover.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..provenance.db import quanta
+from ..repo import Repository
+
+LEFT_OUT_STATUSES = ("failed", "blocked")
+
+
+def _counts(repo: Repository, run: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    try:
+        with repo.engine.connect() as c:
+            rows = c.execute(sa.select(quanta.c.stage, quanta.c.status, sa.func.count())
+                             .where(quanta.c.run == run).group_by(quanta.c.stage, quanta.c.status))
+            for stage, status, n in rows:
+                out.setdefault(str(stage), {})[str(status)] = int(n)
+    except sa.exc.OperationalError:  # a repository without provenance tables
+        return {}
+    return out
+
+
+def enabled_stages(repo: Repository, run: str) -> set[str]:
+    return {stage for stage, by in _counts(repo, run).items() if any(s != "nowork" and n for s, n in by.items())}
+
+
+def _partial(repo: Repository, run: str) -> dict[str, dict[str, int]]:
+    """Per stage: quanta whose latest attempt ran on partial inputs, and the inputs they left out."""
+    from ..provenance.db import attempts, left_out
+
+    out: dict[str, dict[str, int]] = {}
+    try:
+        with repo.engine.connect() as c:
+            if not sa.inspect(c).has_table(left_out.name):
+                return {}
+            latest = (sa.select(attempts.c.quantum_id, attempts.c.stage, sa.func.max(attempts.c.id).label("aid"))
+                      .where(attempts.c.run == run).group_by(attempts.c.quantum_id, attempts.c.stage).subquery())
+            rows = c.execute(sa.select(latest.c.stage, sa.func.count(sa.distinct(latest.c.quantum_id)),
+                                       sa.func.count())
+                             .join(left_out, left_out.c.attempt_id == latest.c.aid).group_by(latest.c.stage))
+            for stage, n_quanta, n_inputs in rows:
+                out[str(stage)] = {"partial": int(n_quanta), "inputs_left_out": int(n_inputs)}
+    except sa.exc.OperationalError:
+        return {}
+    return out
+
+
+def left_out_quanta(repo: Repository, run: str) -> dict[str, dict[str, int]]:
+    """Per stage with any: {"failed": n, "blocked": n, "partial": n, "inputs_left_out": n, "quanta": total}:
+    quanta that produced nothing, and gather quanta that ran without some of their inputs
+    (stages with none are omitted)."""
+    out = {}
+    partial = _partial(repo, run)
+    for stage, by in sorted(_counts(repo, run).items()):
+        lo = {s: int(by.get(s, 0)) for s in LEFT_OUT_STATUSES}
+        lo.update(partial.get(stage, {"partial": 0, "inputs_left_out": 0}))
+        if any(lo.values()):
+            out[stage] = {**lo, "quanta": int(sum(by.values()))}
+    return out
