@@ -31,7 +31,7 @@ from ..errors import AlgorithmError, NoWorkFound
 from ..repo import DataId
 from ..repo.formats import Exposure, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
-from .common import box_wcs_header, relcal_zero_points, wcs_from_header
+from .common import box_wcs_header, relcal_zero_point, relcal_zero_points, wcs_from_header
 
 COADD_TYPES = {"deep": "coadd", "best_seeing": "coadd_bestSeeing"}
 POINTING_MARGIN_PIX = 200  # nominal detector footprints are grown by this much when planning
@@ -102,7 +102,7 @@ class WarpStage(Stage):
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
             det = int(ref.data_id["detector"])
-            zp = zps.get((int(ctx.data_id["visit"]), det), float(exp.metadata["MAGZERO"]))
+            zp = relcal_zero_point(ctx, zps, int(ctx.data_id["visit"]), det, float(exp.metadata["MAGZERO"]))
             njy_per_e = 10 ** (-0.4 * (zp - 31.4))
             try:
                 w = warp_exposure(exp.image, exp.variance, exp.mask, wcs_from_header(exp.wcs_header), dst_wcs,

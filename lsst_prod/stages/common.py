@@ -97,6 +97,21 @@ def diffraction_pixels(cfg, band: str, pixel_scale_arcsec: float) -> tuple[float
     return lod_arcsec / pixel_scale_arcsec, float(cfg.telescope_obscuration)
 
 
+def relcal_zero_point(ctx, zps: dict[tuple[int, int], float], visit: int, detector: int, fallback: float) -> float:
+    """The relcal zero point of (visit, detector); ``fallback`` (the calexp's) when the quantum reads
+    no relcal_solution; InsufficientInputs when it does but relcal left that band out (too few
+    visits): a release never mixes calibrations silently."""
+    if not zps:
+        return fallback
+    if (visit, detector) not in zps:
+        from ..errors import InsufficientInputs
+
+        raise InsufficientInputs(f"relcal_solution has no zero point for visit {visit} detector {detector} "
+                                 f"(its band was left out of the relative calibration: too few visits)",
+                                 visit=visit, detector=detector)
+    return zps[(visit, detector)]
+
+
 def relcal_zero_points(ctx) -> dict[tuple[int, int], float]:
     """(visit, detector) -> relative-calibration zero point, when the quantum reads a relcal_solution
     (empty otherwise: the caller keeps the calexp's single-frame zero point)."""

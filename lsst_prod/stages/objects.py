@@ -38,7 +38,8 @@ from ..repo import DataId
 from ..repo.formats import read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
-from .common import diffraction_pixels, fit_apcorr_clean, relcal_zero_points, sky_annulus_for, wcs_from_header
+from .common import (diffraction_pixels, fit_apcorr_clean, relcal_zero_point, relcal_zero_points, sky_annulus_for,
+                     wcs_from_header)
 
 PEAK_SMOOTHING = 0.5  # peak-finding image: Gaussian of 0.5 sigma_PSF (docs/algorithms-objects.md)
 MEASURED = ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr", "ap25Flux", "ap25FluxErr", "gaussianFlux",
@@ -217,7 +218,7 @@ class ForcedStage(Stage):
     def run_quantum(self, ctx: QuantumContext) -> None:
         exp = read_exposure(ctx.repo.path_of(ctx.input_ref("calexp")))
         visit, detector = int(ctx.data_id["visit"]), int(ctx.data_id["detector"])
-        zp = relcal_zero_points(ctx).get((visit, detector), float(exp.metadata["MAGZERO"]))
+        zp = relcal_zero_point(ctx, relcal_zero_points(ctx), visit, detector, float(exp.metadata["MAGZERO"]))
         calib = 10 ** (-0.4 * (zp - 31.4))
         ids, ras, decs = [], [], []
         for ref in ctx.inputs_of("object"):

@@ -90,15 +90,21 @@ def _left_out_note(ctx: QuantumContext) -> str:
     return f" ({n} detector-visits left out: their single_frame quanta failed)" if n else ""
 
 
-def _check_band_coverage(ctx: QuantumContext, bands: np.ndarray, visits: list[int], min_visits: int) -> None:
-    """Every band with data needs ``min_visits`` visits for a relative calibration (a band whose
-    every detector-visit failed has no data: its warps are blocked through their calexps)."""
+def _bands_below_minimum(ctx: QuantumContext, bands: np.ndarray, visits: list[int], min_visits: int) -> dict[str, int]:
+    """Bands with fewer than ``min_visits`` visits (band -> visits): they are left out of the
+    calibration (their warps and forced photometry are blocked: no relcal zero point), the other
+    bands are calibrated.  Only when no band is left is the quantum blocked (InsufficientInputs)."""
+    short = {}
     for band in sorted(set(bands.tolist())):
         n = len({v for v, b in zip(visits, bands) if b == band})
         if n < min_visits:
-            raise InsufficientInputs(f"band {band}: {n} visits with a successful single-frame quantum "
-                                     f"(minimum {min_visits})" + _left_out_note(ctx),
-                                     band=band, n_visits=n, minimum=min_visits, n_left_out=len(ctx.left_out))
+            short[band] = n
+    if short and len(short) == len(set(bands.tolist())):
+        raise InsufficientInputs("no band has enough visits with a successful single-frame quantum: "
+                                 + ", ".join(f"{b} {n}" for b, n in short.items()) + f" (minimum {min_visits})"
+                                 + _left_out_note(ctx), n_visits=short, minimum=min_visits,
+                                 n_left_out=len(ctx.left_out))
+    return short
 
 
 class RelcalStage(Stage):
@@ -131,6 +137,14 @@ class RelcalStage(Stage):
         ccd_rows = [read_columns(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
         order = np.argsort([int(c["ccdVisitId"][0]) for c in ccd_rows], kind="stable")
         ccd_rows = [ccd_rows[i] for i in order]
+        short = _bands_below_minimum(ctx, np.array([str(c["band"][0]) for c in ccd_rows]),
+                                     [int(c["visitId"][0]) for c in ccd_rows], cfg.min_visits_per_band)
+        if short:
+            ccd_rows = [c for c in ccd_rows if str(c["band"][0]) not in short]
+            ctx.summary["bands_left_out"] = ",".join(f"{b}:{n}_visits" for b, n in short.items())
+            if ctx.log is not None:
+                ctx.log.warning("[%s] bands left out of the calibration (fewer than %d visits): %s", ctx.data_id,
+                                cfg.min_visits_per_band, ctx.summary["bands_left_out"])
         cv_ids = np.array([int(c["ccdVisitId"][0]) for c in ccd_rows])
         zp_sf = np.array([float(c["zeroPoint"][0]) for c in ccd_rows])
         bands = np.array([str(c["band"][0]) for c in ccd_rows])
@@ -138,7 +152,6 @@ class RelcalStage(Stage):
                        np.array([float(c["ra"][0]) for c in ccd_rows]), np.array([float(c["dec"][0]) for c in ccd_rows]),
                        np.array([int(c["xSize"][0]) for c in ccd_rows]), np.array([int(c["ySize"][0]) for c in ccd_rows]),
                        10 ** (-0.4 * (zp_sf - 31.4)))
-        _check_band_coverage(ctx, bands, [int(c["visitId"][0]) for c in ccd_rows], cfg.min_visits_per_band)
         src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
         keys = [(int(c["visitId"][0]), int(c["detector"][0])) for c in ccd_rows]
         mine = [k for k in range(len(keys)) if k % size == rank]
