@@ -48,6 +48,16 @@ def write_campaign(dirpath: Path, site: str = "threads", extra: str = "") -> Pat
     return path
 
 
+def inject_single_frame(visit: int, detector: int, error: str = "algorithm") -> str:
+    """Campaign text (``write_campaign(extra=...)``) that fails single_frame (visit, detector) on attempt 1."""
+    return f"""inject_failures:
+  - stage: single_frame
+    data_id: {{visit: {visit}, detector: {detector}}}
+    error: {error}
+    attempts: [1]
+"""
+
+
 def last_line(out: str) -> str:
     return [line for line in out.strip().splitlines() if line.strip()][-1].strip()
 

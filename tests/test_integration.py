@@ -20,7 +20,7 @@ from lsst_prod.cli import main
 from lsst_prod.repo import Repository
 from lsst_prod.repo.atomic import TMP_PREFIX, sha256_file
 
-from _helpers import count_status, write_campaign  # noqa: E402
+from _helpers import count_status, inject_single_frame, write_campaign  # noqa: E402
 
 
 def _last_line(out: str) -> str:
@@ -104,12 +104,7 @@ def test_submit_report_validate(workdir, capsys):
 def test_injected_failure_then_restart(workdir, capsys):
     repo = Repository.open(workdir / "repo")
     visit = min(v["visit"] for v in repo.visits())
-    extra = f"""inject_failures:
-  - stage: single_frame
-    data_id: {{visit: {visit}, detector: 1}}
-    error: algorithm
-    attempts: [1]
-"""
+    extra = inject_single_frame(visit, 1)
     campaign = write_campaign(workdir, extra=extra)
     assert main(["submit", str(campaign), "--no-progress"]) == 1
     out = capsys.readouterr().out
@@ -203,12 +198,7 @@ def test_htex_local_site_with_worker_crash(workdir, capsys):
     detected, its quantum retried, and the run completes; provenance names host and pid."""
     repo = Repository.open(workdir / "repo")
     visit = min(v["visit"] for v in repo.visits())
-    extra = f"""inject_failures:
-  - stage: single_frame
-    data_id: {{visit: {visit}, detector: 0}}
-    error: crash
-    attempts: [1]
-"""
+    extra = inject_single_frame(visit, 0, "crash")
     campaign = write_campaign(workdir, site="local", extra=extra)
     assert main(["submit", str(campaign), "--no-progress"]) == 0
     run = _last_line(capsys.readouterr().out)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from _helpers import last_line, report_json, write_campaign
+from _helpers import inject_single_frame, last_line, report_json, write_campaign
 from lsst_prod.cli import main
 from lsst_prod.execution.runs import load_run, quanta_to_rerun
 from lsst_prod.repo import Repository
@@ -24,12 +24,7 @@ def test_failed_single_frame_leaves_the_release_running(workdir, capsys):
     repo_path = workdir / "repo"
     repo = Repository.open(repo_path)
     visit = min(v["visit"] for v in repo.visits())
-    extra = f"""inject_failures:
-  - stage: single_frame
-    data_id: {{visit: {visit}, detector: 1}}
-    error: algorithm
-    attempts: [1]
-"""
+    extra = inject_single_frame(visit, 1)
     campaign = write_campaign(workdir, extra=extra)
     campaign.write_text(campaign.read_text().replace("  single_frame: {}\n", CHAIN))
     assert main(["submit", str(campaign), "--no-progress"]) == 1  # one quantum failed

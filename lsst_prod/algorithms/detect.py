@@ -87,10 +87,9 @@ def _separable(a: np.ndarray, k: np.ndarray) -> np.ndarray:
     return ndimage.correlate1d(ndimage.correlate1d(a, k, axis=0, mode="constant"), k, axis=1, mode="constant")
 
 
-def significance_image(
-    image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf_sigma_pix: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(smoothed image S [electrons], significance nu = S / sigma_S) for a Gaussian PSF."""
+def _usable_copies(image, variance, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 copies of image and variance with unusable (masked or non-finite) pixels set to 0
+    and negative variances clipped, plus the boolean map of those pixels."""
     img = np.array(image, dtype=np.float32, copy=True)
     var = np.array(variance, dtype=np.float32, copy=True)
     bad = ~(np.isfinite(img) & np.isfinite(var))
@@ -99,6 +98,14 @@ def significance_image(
     img[bad] = 0.0
     var[bad] = 0.0
     np.maximum(var, 0.0, out=var)
+    return img, var, bad
+
+
+def significance_image(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf_sigma_pix: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(smoothed image S [electrons], significance nu = S / sigma_S) for a Gaussian PSF."""
+    img, var, bad = _usable_copies(image, variance, mask)
     g = gaussian_kernel_1d(psf_sigma_pix)
     smooth = _separable(img, g)
     noise2 = _separable(var, g * g)
@@ -156,14 +163,7 @@ def peak_image(
     half of the kernel's weight usable are -inf in ``P`` (never a peak, and they
     cut connections).
     """
-    img = np.array(image, dtype=np.float32, copy=True)
-    var = np.array(variance, dtype=np.float32, copy=True)
-    bad = ~(np.isfinite(img) & np.isfinite(var))
-    if mask is not None:
-        bad |= excluded_pixels(mask)
-    img[bad] = 0.0
-    var[bad] = 0.0
-    np.maximum(var, 0.0, out=var)
+    img, var, bad = _usable_copies(image, variance, mask)
     sk = float(smoothing) * float(psf_sigma_pix)
     if sk < 0.25:
         P = np.where(bad, -np.inf, img).astype(np.float32)

@@ -118,7 +118,9 @@ class Driver:
         self.stage_configs = {name: cfg.model_dump(mode="json")
                               for name, cfg in campaign.config.stages.enabled().items()}
 
-    def _payload(self, qid: str, attempt: int, executor: str, memory_class: int = 0) -> dict[str, Any] | str:
+    def _payload(self, qid: str, attempt: int, executor: str,
+                 memory_class: int = 0) -> dict[str, Any] | tuple[str, str]:
+        """The worker's payload, or (error class, reason) when the quantum cannot run."""
         q = self.graph[qid]
         mc = self.campaign.site.classes()[memory_class]
         inputs = [r.to_dict() for r in q.prerequisites]
@@ -133,12 +135,12 @@ class Driver:
             if ref is None:
                 if self._producer.get((dtype, did)) in self._nowork:
                     continue  # its producer found nothing to do (e.g. a detector that misses a patch)
-                return f"input {dtype} {did} was not produced (its producer wrote nothing)"
+                return "Blocked", f"input {dtype} {did} was not produced (its producer wrote nothing)"
             inputs.append(ref.to_dict())
         left_out = [dict(v) for _, v in sorted(self._left_out.get(qid, {}).items(), key=lambda kv: (kv[0][0], kv[0][1]))]
         short = _below_minimum(q.stage, q.spec.inputs, inputs, left_out)
         if short:
-            return short
+            return "InsufficientInputs", short
         return {
             "quantum_id": qid,
             "stage": q.stage,
@@ -276,10 +278,10 @@ class Driver:
             is_mpi = STAGES[self.graph[qid].stage].resources.mpi_ranks > 0
             label = executor_label(site, mem_class[qid], mpi=is_mpi)
             payload = self._payload(qid, attempt, label, mem_class[qid])
-            if isinstance(payload, str):
-                self.writer.set_status([qid], "blocked", "InsufficientInputs" if payload.startswith("only ")
-                                       else "Blocked", payload)
-                finish(qid, "blocked", payload)
+            if isinstance(payload, tuple):
+                error_class, reason = payload
+                self.writer.set_status([qid], "blocked", error_class, reason)
+                finish(qid, "blocked", reason)
                 return
             self.writer.set_status([qid], "running")
             fut = session.submit(execute_quantum, payload, executor=label)

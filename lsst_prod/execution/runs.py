@@ -13,6 +13,7 @@ from ..errors import PlanningError
 from ..graph.graph import QuantumGraph
 from ..graph.planner import plan
 from ..provenance.db import quanta
+from ..provenance.report import partial_quanta
 from ..repo import Repository
 from ..repo.atomic import sha256_file, sweep_temporaries, write_bytes_atomic
 from .cleanup import cancel_run_jobs, kill_orphan_parsl_processes
@@ -78,22 +79,6 @@ def quanta_to_rerun(repo: Repository, run: str, graph: QuantumGraph, verify_chec
                     bad.add(q.id)
                     break
     return bad | graph.descendants(bad)
-
-
-def partial_quanta(repo: Repository, run: str) -> set[str]:
-    """Quanta whose latest attempt succeeded on partial inputs (rows in ``left_out``)."""
-    from ..provenance.db import attempts, left_out
-
-    with repo.engine.connect() as c:
-        if not sa.inspect(c).has_table(left_out.name):
-            return set()
-        latest = (sa.select(attempts.c.quantum_id, sa.func.max(attempts.c.id).label("aid"))
-                  .where(attempts.c.run == run).group_by(attempts.c.quantum_id).subquery())
-        rows = c.execute(sa.select(sa.distinct(latest.c.quantum_id))
-                         .join(left_out, left_out.c.attempt_id == latest.c.aid)
-                         .join(quanta, (quanta.c.run == run) & (quanta.c.quantum_id == latest.c.quantum_id))
-                         .where(quanta.c.status.in_(("succeeded", "nowork"))))
-        return {r[0] for r in rows}
 
 
 def restart(repo: Repository, run: str, progress: Any = None, site_override: str | Path | None = None) -> RunResult:

@@ -153,6 +153,21 @@ def _left_out_rows(conn, run: str) -> list:
     return list(conn.execute(sa.select(left_out).where(left_out.c.run == run)))
 
 
+def partial_quanta(repo: Repository, run: str) -> dict[str, tuple[str, int]]:
+    """Quanta whose latest attempt succeeded on partial inputs: quantum -> (stage, inputs left out)."""
+    with repo.engine.connect() as c:
+        if not sa.inspect(c).has_table(left_out.name):
+            return {}
+        latest = (sa.select(attempts.c.quantum_id, sa.func.max(attempts.c.id).label("aid"))
+                  .where(attempts.c.run == run).group_by(attempts.c.quantum_id).subquery())
+        rows = c.execute(sa.select(latest.c.quantum_id, quanta.c.stage, sa.func.count())
+                         .join(left_out, left_out.c.attempt_id == latest.c.aid)
+                         .join(quanta, (quanta.c.run == run) & (quanta.c.quantum_id == latest.c.quantum_id))
+                         .where(quanta.c.status.in_(("succeeded", "nowork")))
+                         .group_by(latest.c.quantum_id, quanta.c.stage))
+        return {qid: (str(stage), int(n)) for qid, stage, n in rows}
+
+
 def _summarise_causes(rows) -> str:
     """'5 source, 5 ccdVisit (single_frame failed: AlgorithmError)' from left_out rows."""
     by_cause: dict[str, Counter] = defaultdict(Counter)
@@ -163,14 +178,6 @@ def _summarise_causes(rows) -> str:
         by_cause[key][r.dataset_type] += 1
     return "; ".join(", ".join(f"{n} {t}" for t, n in types.items()) + f" ({cause})"
                      for cause, types in by_cause.items())
-
-
-def left_out_summary(repo: Repository, run: str) -> dict[str, Any]:
-    """Per stage, how many quanta ran on partial inputs and how many inputs they left out, plus
-    failed/blocked counts (``validate`` prints it beside the metrics it computed on what exists)."""
-    rep = build_report(repo, run, with_quanta=False)
-    return {stage: {k: s.get(k, 0) for k in ("quanta", "failed", "blocked", "partial", "inputs_left_out")}
-            for stage, s in rep["stages"].items()}
 
 
 def _aggregate_summaries(items: list[dict[str, Any]]) -> dict[str, Any]:

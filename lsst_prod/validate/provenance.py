@@ -37,20 +37,14 @@ def enabled_stages(repo: Repository, run: str) -> set[str]:
 
 def _partial(repo: Repository, run: str) -> dict[str, dict[str, int]]:
     """Per stage: quanta whose latest attempt ran on partial inputs, and the inputs they left out."""
-    from ..provenance.db import attempts, left_out
+    from ..provenance.report import partial_quanta
 
     out: dict[str, dict[str, int]] = {}
     try:
-        with repo.engine.connect() as c:
-            if not sa.inspect(c).has_table(left_out.name):
-                return {}
-            latest = (sa.select(attempts.c.quantum_id, attempts.c.stage, sa.func.max(attempts.c.id).label("aid"))
-                      .where(attempts.c.run == run).group_by(attempts.c.quantum_id, attempts.c.stage).subquery())
-            rows = c.execute(sa.select(latest.c.stage, sa.func.count(sa.distinct(latest.c.quantum_id)),
-                                       sa.func.count())
-                             .join(left_out, left_out.c.attempt_id == latest.c.aid).group_by(latest.c.stage))
-            for stage, n_quanta, n_inputs in rows:
-                out[str(stage)] = {"partial": int(n_quanta), "inputs_left_out": int(n_inputs)}
+        for stage, n in partial_quanta(repo, run).values():
+            d = out.setdefault(stage, {"partial": 0, "inputs_left_out": 0})
+            d["partial"] += 1
+            d["inputs_left_out"] += n
     except sa.exc.OperationalError:
         return {}
     return out
