@@ -89,9 +89,22 @@ def _repo_arg(args: argparse.Namespace, campaign=None, must_exist: bool = True):
 
 
 def _run_arg(args: argparse.Namespace, repo) -> str:
-    from .execution.runs import newest_run
+    """The RUN argument (checked: a safe name of a run that exists), else the newest run."""
+    import difflib
 
-    return args.run or newest_run(repo)
+    from .execution.runs import newest_run
+    from .names import check_run_name
+
+    if not args.run:
+        return newest_run(repo)
+    run = check_run_name(args.run, "RUN")
+    names = [r["name"] for r in repo.registry.list_runs()]
+    if run not in names:
+        close = difflib.get_close_matches(run, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        shown = ", ".join(names[-5:]) or "none"
+        raise PlanningError(f"no run {run!r} in {repo.root}{hint} (newest runs: {shown})")
+    return run
 
 
 # ----------------------------------------------------------------------------- commands
@@ -152,15 +165,22 @@ def _finish_run(repo, run: str, result, as_json: bool = False) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .config.campaign import load_campaign
-    from .execution.runs import new_run_name, submit
+    from .execution.runs import submit
+    from .names import check_run_name
 
     campaign = load_campaign(args.campaign, site_override=args.site)
     repo = _repo_arg(args, campaign)
-    run = args.run or new_run_name(campaign)
-    console.print(f"run [bold]{run}[/bold] on site [bold]{campaign.site.name}[/bold] ({campaign.site.executor}, "
-                  f"{campaign.site.workers()} workers)")
-    result = submit(repo, campaign, run, progress=None if args.no_progress else RichProgress())
-    return _finish_run(repo, run, result)
+    repo.require_writable("submit a run")
+    if args.run is not None:
+        check_run_name(args.run, "--run")
+
+    def announce(run: str) -> None:
+        console.print(f"run [bold]{escape(run)}[/bold] on site [bold]{campaign.site.name}[/bold] "
+                      f"({campaign.site.executor}, {campaign.site.workers()} workers)")
+
+    result = submit(repo, campaign, args.run, progress=None if args.no_progress else RichProgress(),
+                    announce=announce)
+    return _finish_run(repo, result.run, result)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
@@ -168,10 +188,13 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
     repo = _repo_arg(args)
     run = _run_arg(args, repo)
+    repo.require_writable("restart a run")
     console.print(f"restarting run [bold]{run}[/bold]")
-    result = restart(repo, run, progress=None if args.no_progress else RichProgress(), site_override=args.site)
+    result = restart(repo, run, progress=None if args.no_progress else RichProgress(), site_override=args.site,
+                     verify=args.verify)
     if sum(result.counts.values()) == 0:
-        console.print("nothing to re-run: every quantum succeeded and its outputs match their checksums")
+        console.print("nothing to re-run: every quantum succeeded and its outputs are in place"
+                      + (" (inputs and outputs match their checksums)" if args.verify else ""))
     return _finish_run(repo, run, result)
 
 
@@ -237,16 +260,33 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(pt)
         if len(report["partial"]) > 50:
             console.print(f"... and {len(report['partial']) - 50} more (see --json)")
-    if report["failures"]:
-        ft = Table(title="failed and blocked quanta")
-        for col in ("quantum", "status", "attempts", "error", "reason"):
+    failed = [f for f in report["failures"] if f["status"] == "failed"]
+    blocked = [f for f in report["failures"] if f["status"] != "failed"]
+    if failed:
+        ft = Table(title="failed quanta (the causes)")
+        for col in ("quantum", "attempts", "error", "reason"):
             ft.add_column(col)
-        for f in report["failures"][:50]:
-            ft.add_row(escape(f["quantum_id"]), f["status"], str(f["attempts"]), f["error_class"] or "",
+        for f in failed[:50]:
+            ft.add_row(escape(f["quantum_id"]), str(f["attempts"]), f["error_class"] or "",
                        escape((f["error_message"] or "")[:160]))
         console.print(ft)
-        if len(report["failures"]) > 50:
-            console.print(f"... and {len(report['failures']) - 50} more (see --json)")
+        if len(failed) > 50:
+            console.print(f"... and {len(failed) - 50} more failed (see --json)")
+    if blocked:
+        # one row per cause, not per blocked quantum: 50 blocked rows must not hide 2 failures
+        groups: dict[tuple[str, str], list[str]] = {}
+        for f in blocked:
+            groups.setdefault((f["error_class"] or "Blocked", f["error_message"] or ""), []).append(f["quantum_id"])
+        bt = Table(title=f"blocked quanta ({len(blocked)}), by cause")
+        for col in ("cause", "blocked", "stages", "e.g."):
+            bt.add_column(col)
+        for (cls, msg), ids in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:30]:
+            stages = Counter(i.split(":", 1)[0] for i in ids)
+            bt.add_row(escape(f"{cls}: {msg[:140]}"), str(len(ids)),
+                       ", ".join(f"{s} {n}" for s, n in stages.most_common()), escape(ids[0]))
+        console.print(bt)
+        if len(groups) > 30:
+            console.print(f"... and {len(groups) - 30} more causes (see --json)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -400,12 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("restart", help="re-run exactly what failed or never finished in a run (and its dependents)",
                        description="Re-run the quanta of RUN that failed, were blocked, never finished (e.g. the "
-                                   "driver was killed) or whose outputs are missing or fail their checksum, plus "
+                                   "driver was killed), ran on partial inputs, or whose outputs are missing or "
+                                   "changed size (--verify: or checksum, inputs included), plus "
                                    "everything downstream of them; nothing else. Attempts are numbered on from the "
                                    "previous ones, so the report shows them all.")
     run_opt(s)
     repo_opt(s)
     s.add_argument("--site", metavar="SITE.yaml", help="run on another site than the run's own")
+    s.add_argument("--verify", action="store_true",
+                   help="also hash every output and every pre-existing input (raw, calibrations, refcat) "
+                        "against its recorded checksum, and re-run what read or wrote a changed file")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_restart)
 
@@ -475,6 +519,23 @@ def main(argv: list[str] | None = None) -> int:
     except LsstProdError as exc:
         err_console.print(Text.assemble((f"{exc.error_class}: ", "bold red"), str(exc)))
         return EXIT_FAILED
+    except OSError as exc:
+        from .execution.worker import storage_problem
+
+        problem = storage_problem(exc, str(getattr(args, "repo", None) or "."))
+        if problem is None:
+            raise
+        err_console.print(Text.assemble(("StorageFull: ", "bold red"), problem))
+        return EXIT_FAILED
+    except Exception as exc:
+        # the database said it: "database or disk is full", "attempt to write a readonly database"
+        text = str(exc).lower()
+        if type(exc).__name__ == "OperationalError" and ("disk is full" in text or "readonly" in text):
+            err_console.print(Text.assemble(("StorageFull: ", "bold red"),
+                                            f"the registry database cannot be written ({str(exc).splitlines()[0]}); "
+                                            f"free space (or make it writable), then `lsst-prod restart`"))
+            return EXIT_FAILED
+        raise
     except KeyboardInterrupt:
         err_console.print("interrupted; `lsst-prod restart` finishes the run")
         return 130

@@ -101,3 +101,20 @@ ERROR_CLASSES: dict[str, type[LsstProdError]] = {
         InjectedFailure,
     )
 }
+
+
+class CorruptInput(LsstProdError):
+    """An input file is missing, or its content no longer matches the checksum registered when
+    it was written or ingested (a flipped byte, a truncated copy).  Not retried: the same bytes
+    would be read again.  Restore the file (or re-ingest it), then ``restart`` (``--verify``
+    re-checks every input and output of the run)."""
+
+    error_class = "CorruptInput"
+
+
+class StorageFull(LsstProdError):
+    """The file system or the database has no space left (ENOSPC, EDQUOT) or is read-only
+    (EROFS).  Not retried within the run (every retry would fail the same way); free space, then
+    ``restart``."""
+
+    error_class = "StorageFull"

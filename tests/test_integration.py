@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from lsst_prod.cli import main
+from lsst_prod.execution.cleanup import processes_with_token
 from lsst_prod.repo import Repository
 from lsst_prod.repo.atomic import TMP_PREFIX, sha256_file
 
@@ -136,7 +137,7 @@ def test_injected_failure_then_restart(workdir, capsys):
 def test_killed_driver_then_restart_same_outputs(workdir, tmp_path_factory, capsys):
     """kill -9 the driver midway; restart completes with no duplicated or missing outputs, and the
     outputs equal an undisturbed run's (same checksums for the deterministic tables)."""
-    campaign = write_campaign(workdir)
+    campaign = write_campaign(workdir, site="local")  # Parsl HTEX: interchange and workers outlive the driver
     run = "dp-test/killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "lsst_prod.cli", "submit", str(campaign), "--run", run,
@@ -150,13 +151,20 @@ def test_killed_driver_then_restart_same_outputs(workdir, tmp_path_factory, caps
     proc.wait()
     done_before = count_status(workdir / "repo", run, "succeeded")
     assert 2 <= done_before < 8
+    in_flight = count_status(workdir / "repo", run, "running") + count_status(workdir / "repo", run, "submitted")
+    token = json.loads((workdir / "repo" / run / "_plan" / "driver.lock").read_text())["token"]
+    orphans_before = processes_with_token(token)
 
     capsys.readouterr()
     assert main(["status", run, "--repo", str(workdir / "repo")]) == 0
     assert "not running" in capsys.readouterr().out
     assert main(["restart", run, "--repo", str(workdir / "repo"), "--no-progress"]) == 0
+    # no process of the dead driver survives the restart (found by its token, not its name)
+    assert processes_with_token(token) == [], f"orphans left: {processes_with_token(token)} (before: {orphans_before})"
     report = _report(workdir / "repo", run, capsys)
     assert report["complete"] and report["totals"]["succeeded"] == 8
+    lost = [a for q in report["quanta"] for a in q["attempts"] if a.get("error_class") == "DriverLost"]
+    assert len(lost) == in_flight  # attempts in flight at the kill are recorded, not forgotten
     repo = Repository.open(workdir / "repo")
     refs = repo.query(None, [run])
     assert len(refs) == 32 and len({(r.dataset_type, r.data_id) for r in refs}) == 32
@@ -209,3 +217,103 @@ def test_htex_local_site_with_worker_crash(workdir, capsys):
     assert q["attempts"][0]["error_class"] in ("WorkerLost", "TransientError")
     pids = {a["pid"] for qq in report["quanta"] for a in qq["attempts"] if a["pid"]}
     assert os.getpid() not in pids  # quanta ran in worker processes, not in the driver
+
+
+def _flip_byte(path: Path, offset_from_end: int = 5000) -> bytes:
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) - offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return original
+
+
+def _attempts_by_quantum(repo_path: Path, run: str, capsys) -> dict[str, list[str]]:
+    report = _report(repo_path, run, capsys)
+    return {q["quantum_id"]: [a["error_class"] or a["outcome"] for a in q["attempts"]] for q in report["quanta"]}
+
+
+@pytest.mark.slow
+def test_corrupt_input_fails_clearly_and_restart_verify_reruns_exactly_what_read_it(workdir, capsys):
+    """Issue #9: a flipped byte in a raw fails its quantum with CorruptInput (named file, not
+    retried); after restoring it, `restart --verify` re-runs exactly that quantum and the gather
+    that ran without it.  A same-size change to a finished output is invisible to a plain
+    restart (existence and size) and re-run by `restart --verify` with its dependents."""
+    campaign = write_campaign(workdir)
+    campaign.write_text(campaign.read_text().replace("  single_frame: {}\n", "  single_frame: {}\n  visit_summary: {}\n"))
+    repo = Repository.open(workdir / "repo")
+    visit = min(v["visit"] for v in repo.visits())
+    raw = next(r for r in repo.query("raw") if r.data_id["visit"] == visit and r.data_id["detector"] == 1)
+    raw_path = repo.path_of(raw)
+    original = _flip_byte(raw_path)
+
+    assert main(["submit", str(campaign), "--no-progress"]) == 1
+    run = _last_line(capsys.readouterr().out)
+    attempts = _attempts_by_quantum(workdir / "repo", run, capsys)
+    bad_q = f"single_frame:instrument=SimCam, visit={visit}, detector=1"
+    assert attempts[bad_q] == ["CorruptInput"]  # one attempt: corruption is not retried
+    report = _report(workdir / "repo", run, capsys)
+    failure = next(f for f in report["failures"] if f["status"] == "failed")
+    assert str(raw_path) in failure["error_message"] and "checksum" in failure["error_message"]
+
+    raw_path.write_bytes(original)
+    assert main(["restart", run, "--repo", str(workdir / "repo"), "--verify", "--no-progress"]) == 0
+    after = _attempts_by_quantum(workdir / "repo", run, capsys)
+    rerun = {q for q, a in after.items() if len(a) > len(attempts[q])}
+    assert rerun == {bad_q, f"visit_summary:instrument=SimCam, visit={visit}"}
+
+    # a same-size change to a finished output: plain restart does not see it, --verify does
+    other = next(r for r in repo.query("source", [run]) if r.data_id["visit"] != visit)
+    _flip_byte(repo.path_of(other), offset_from_end=repo.path_of(other).stat().st_size // 2)
+    capsys.readouterr()
+    assert main(["restart", run, "--repo", str(workdir / "repo"), "--no-progress"]) == 0
+    assert "nothing to re-run" in capsys.readouterr().out
+    assert main(["restart", run, "--repo", str(workdir / "repo"), "--verify", "--no-progress"]) == 0
+    final = _attempts_by_quantum(workdir / "repo", run, capsys)
+    rerun2 = {q for q, a in final.items() if len(a) > len(after[q])}
+    ov, od = other.data_id["visit"], other.data_id["detector"]
+    assert rerun2 == {f"single_frame:instrument=SimCam, visit={ov}, detector={od}",
+                      f"visit_summary:instrument=SimCam, visit={ov}"}
+
+
+@pytest.mark.slow
+def test_full_disk_then_restart_same_outputs(workdir, capsys):
+    """Issue #9: the repository's file system fills during a run (a real tmpfs, too small for the
+    outputs): a clear message naming the lack of space, exit 1, no half-written or unregistered
+    file; after space is freed, `restart` completes with the outputs of an undisturbed run."""
+    import shutil as sh
+
+    mnt = workdir / "small-fs"
+    mnt.mkdir()
+    inputs_mib = sum(p.stat().st_size for p in (workdir / "repo").rglob("*") if p.is_file()) / 2**20
+    size_mib = int(inputs_mib + 30)  # room for the inputs and a few of the 8 quanta's outputs
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        sh.copytree(workdir / "repo", mnt / "repo")
+        campaign = write_campaign(workdir)
+        text = campaign.read_text().replace("repo: repo", f"repo: {mnt / 'repo'}")
+        campaign.write_text(text)
+        capsys.readouterr()
+        code = main(["submit", str(campaign), "--run", "dp-test/full", "--no-progress"])
+        out = capsys.readouterr()
+        assert code == 1
+        said = (out.out + out.err).lower()
+        assert "no space left" in said or "disk is full" in said, said[-2000:]
+        assert "storagefull" in said.replace(" ", "")
+        assert not list((mnt / "repo").rglob(f"{TMP_PREFIX}*"))  # nothing half-written
+        repo = Repository.open(mnt / "repo")
+        registered = {repo.path_of(r) for r in repo.query(None, ["dp-test/full"])}
+        on_disk = {p for p in (mnt / "repo" / "dp-test" / "full").rglob("*.*")
+                   if p.is_file() and "_plan" not in p.parts and "_parsl" not in p.parts and "_running" not in p.parts}
+        assert on_disk <= registered  # no unregistered output
+        repo.close()
+
+        subprocess.run(["mount", "-o", f"remount,size={size_mib + 400}m", str(mnt)], check=True)
+        assert main(["restart", "dp-test/full", "--repo", str(mnt / "repo"), "--no-progress"]) == 0
+        report = _report(mnt / "repo", "dp-test/full", capsys)
+        assert report["complete"] and report["totals"]["succeeded"] == 8
+        assert main(["submit", str(campaign), "--run", "dp-test/clean", "--no-progress"]) == 0
+        assert _table_equal(Repository.open(mnt / "repo"), "dp-test/clean", "dp-test/full")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

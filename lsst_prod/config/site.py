@@ -14,51 +14,65 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..names import SafeName
 from .yamlio import load_yaml, validate
 
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MemoryClass(_Strict):
     """An executor whose workers may each use up to ``memory_gib`` (enforced per quantum)."""
 
     name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$")
-    memory_gib: float = Field(..., gt=0, description="memory one quantum may use, GiB")
-    max_workers_per_node: int | None = Field(None, ge=1, description="default: what cores and memory allow")
+    memory_gib: float = Field(..., gt=0, le=1_000_000, description="memory one quantum may use, GiB")
+    max_workers_per_node: int | None = Field(None, ge=1, le=4096, description="default: what cores and memory allow")
 
 
 class SlurmConfig(_Strict):
     """How blocks of workers are requested from Slurm (one sbatch job per block)."""
 
-    partition: str
-    account: str | None = None
-    qos: str | None = None
+    partition: SafeName
+    account: SafeName | None = None
+    qos: SafeName | None = None
     walltime: str = Field("01:00:00", description="[D-]HH:MM:SS per block")
-    nodes_per_block: int = Field(1, ge=1)
-    init_blocks: int = Field(1, ge=0)
-    min_blocks: int = Field(0, ge=0)
-    max_blocks: int = Field(1, ge=1)
-    cores_per_node: int = Field(..., ge=1, description="cores requested per node")
-    memory_per_node_gib: float | None = Field(None, gt=0, description="--mem per node, GiB")
+    nodes_per_block: int = Field(1, ge=1, le=100_000)
+    init_blocks: int = Field(1, ge=0, le=10_000)
+    min_blocks: int = Field(0, ge=0, le=10_000)
+    max_blocks: int = Field(1, ge=1, le=10_000)
+    cores_per_node: int = Field(..., ge=1, le=4096, description="cores requested per node")
+    memory_per_node_gib: float | None = Field(None, gt=0, le=100_000, description="--mem per node, GiB")
     exclusive: bool = Field(False, description="#SBATCH --exclusive")
-    scheduler_options: str = Field("", description="extra '#SBATCH ...' lines, verbatim")
+    scheduler_options: str = Field("", max_length=10_000, description="extra sbatch options, one per line ('--constraint=cpu' or '#SBATCH ...')")
     launcher: Literal["srun", "single_node"] = Field(
         "single_node", description="how the worker pool starts in a block: one srun step per node, or directly")
-    cmd_timeout_s: int = Field(30, ge=5, description="timeout of sbatch/squeue/scancel calls")
+    cmd_timeout_s: int = Field(30, ge=5, le=3600, description="timeout of sbatch/squeue/scancel calls")
 
     @field_validator("walltime")
     @classmethod
     def _walltime(cls, v: str) -> str:
         if not _WALLTIME.match(v):
             raise ValueError(f"walltime {v!r} must look like HH:MM:SS or D-HH:MM:SS")
+        return v
+
+    @field_validator("scheduler_options")
+    @classmethod
+    def _sbatch_lines(cls, v: str) -> str:
+        # each line is one sbatch option, with or without its '#SBATCH' prefix; nothing that a
+        # shell would run (the lines land in the generated batch script)
+        for i, line in enumerate(v.splitlines(), 1):
+            opt = line.strip()
+            opt = opt[len("#SBATCH"):].strip() if opt.startswith("#SBATCH") else opt
+            if line.strip() and not opt.startswith("-"):
+                raise ValueError(f"line {i} of scheduler_options ({line[:60]!r}) is not an sbatch option "
+                                 f"('--name=value' or '#SBATCH --name=value')")
         return v
 
     @model_validator(mode="after")
@@ -72,26 +86,26 @@ class SlurmConfig(_Strict):
 
 class MpiConfig(_Strict):
     launcher: Literal["srun", "mpiexec"] = Field("mpiexec", description="srun (inside a Slurm block) or mpiexec")
-    max_ranks: int = Field(2, ge=1, description="largest number of ranks an MPI quantum may ask for")
-    launcher_options: str = Field("", description="extra options for the launcher, e.g. --mpi=pmi2")
+    max_ranks: int = Field(2, ge=1, le=1_000_000, description="largest number of ranks an MPI quantum may ask for")
+    launcher_options: str = Field("", max_length=1000, pattern=r"^[^\n\r;&|`$<>]*$", description="extra options for the launcher, e.g. --mpi=pmi2")
 
 
 class SiteConfig(_Strict):
     """A site: this machine (scheduler: local) or a Slurm cluster (scheduler: slurm)."""
 
-    name: str
-    description: str = ""
+    name: SafeName
+    description: str = Field("", max_length=10_000)
     scheduler: Literal["local", "slurm"] = "local"
     executor: Literal["htex", "threads"] = Field(
         "htex", description="htex: Parsl worker processes; threads: a pool in the driver (local only)")
-    max_workers: int | Literal["auto"] = Field("auto", description="parallel quanta per node; auto = cores")
-    worker_init: str = Field("", description="shell lines run before a worker starts (e.g. activate a venv)")
-    scratch_dir: str | None = Field(None, description="Parsl run directory; default REPO/<run>/_parsl")
+    max_workers: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field("auto", description="parallel quanta per node; auto = cores")
+    worker_init: str = Field("", max_length=10_000, description="shell lines run before a worker starts (e.g. activate a venv)")
+    scratch_dir: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^[^\n\r\x00]*$", description="Parsl run directory; default REPO/<run>/_parsl")
     shared_filesystem: bool = Field(True, description="workers see the repository at the same path")
-    address: str | None = Field(None, description="address workers use to reach the driver's interchange "
+    address: str | None = Field(None, pattern=r"^[A-Za-z0-9.:\-\[\]]{1,255}$", description="address workers use to reach the driver's interchange "
                                                   "(default: 127.0.0.1 locally, probed on Slurm)")
-    idle_timeout_s: float = Field(120.0, gt=0, description="an idle block is released after this long, s")
-    heartbeat_period_s: int = Field(10, ge=1, description="HTEX heartbeat; a worker silent for 3 periods is lost")
+    idle_timeout_s: float = Field(120.0, gt=0, le=1e6, description="an idle block is released after this long, s")
+    heartbeat_period_s: int = Field(10, ge=1, le=3600, description="HTEX heartbeat; a worker silent for 3 periods is lost")
     memory_classes: list[MemoryClass] = Field(default_factory=list,
                                               description="executors by memory per quantum, smallest first")
     slurm: SlurmConfig | None = None

@@ -4,19 +4,22 @@ A driver killed with SIGKILL cannot shut Parsl down: its interchange keeps
 running, and its Slurm blocks keep their cores until their walltime.  Every
 Slurm block of a run carries ``--comment=lsst-prod:<run>``; ``restart`` (after
 taking the run's lock, so the owner is known to be dead) cancels those jobs
-and terminates local Parsl processes started for the run's Parsl directory.
+and terminates the local processes the dead driver started, found by the token
+the driver put in their environment (not by command line: Parsl renames its
+processes).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PARSL_PROCESS_MARKERS = ("interchange.py", "process_worker_pool.py")
+#: Environment variable holding the token of the driver that started a process.
+DRIVER_TOKEN_VAR = "LSST_PROD_DRIVER_TOKEN"
 
 
 def job_comment(run: str) -> str:
@@ -39,16 +42,24 @@ def cancel_run_jobs(run: str, timeout_s: float = 20.0) -> list[str]:
     return jobs
 
 
-def kill_orphan_parsl_processes(parsl_dir: Path) -> int:
-    """Terminate this host's Parsl interchange/worker processes that belong to ``parsl_dir``."""
+def kill_orphan_processes(token: str | None) -> int:
+    """Terminate this host's processes started by a dead driver: those whose environment holds
+    its token (``DRIVER_TOKEN_VAR``, set by the driver lock and inherited by every process the
+    driver starts).  Returns how many were terminated."""
     import psutil
 
-    key = str(Path(parsl_dir).resolve())
+    if not token:
+        return 0
+    me = os.getpid()
     victims = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if key in cmd and any(m in cmd for m in PARSL_PROCESS_MARKERS):
-            victims.append(proc)
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(DRIVER_TOKEN_VAR) == token:
+                victims.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
+            continue
     for proc in victims:
         try:
             proc.terminate()
@@ -60,6 +71,21 @@ def kill_orphan_parsl_processes(parsl_dir: Path) -> int:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=5)
     if victims:
-        log.warning("terminated %d Parsl processes left in %s", len(victims), key)
+        log.warning("terminated %d processes left by a dead driver (token %s)", len(victims), token[:8])
     return len(victims)
+
+
+def processes_with_token(token: str) -> list[int]:
+    """PIDs of this host's processes carrying a driver token (tests and diagnostics)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(DRIVER_TOKEN_VAR) == token:
+                out.append(proc.pid)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
+            continue
+    return out

@@ -10,11 +10,13 @@ descendants) or stop the stage.  A killed driver leaves quanta in 'running';
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
 import time
+import uuid
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -22,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config.campaign import Campaign
-from ..errors import PlanningError
+from ..errors import PlanningError, StorageFull
+from ..names import check_run_name
 from ..graph.graph import QuantumGraph
 from ..repo import DataId, Repository
-from ..repo.atomic import sweep_temporaries, write_bytes_atomic
+from ..repo.atomic import sweep_temporaries
 from ..provenance.writer import ProvenanceWriter
-from .cleanup import job_comment
+from .cleanup import DRIVER_TOKEN_VAR, job_comment
 from .parsl_adapter import ParslSession, executor_label, is_worker_lost
 from .policy import Action, decide
 from .worker import execute_quantum, start_marker
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def plan_dir(repo: Repository, run: str) -> Path:
-    return repo.root / run / "_plan"
+    return repo.root / check_run_name(run) / "_plan"
 
 
 def parsl_dir(repo: Repository, run: str, site=None) -> Path:
@@ -44,8 +47,8 @@ def parsl_dir(repo: Repository, run: str, site=None) -> Path:
     if site is not None and site.scratch_dir:
         import os
 
-        return Path(os.path.expandvars(site.scratch_dir)) / run
-    return repo.root / run / "_parsl"
+        return Path(os.path.expandvars(site.scratch_dir)) / check_run_name(run)
+    return repo.root / check_run_name(run) / "_parsl"
 
 
 @dataclass
@@ -60,39 +63,93 @@ class RunResult:
 
 
 class DriverLock:
-    """A per-run lock file holding the driver's host and pid; a dead holder is taken over."""
+    """The per-run driver lock: ``flock(2)`` on ``REPO/<run>/_plan/driver.lock``.
+
+    Taking it is one atomic system call, so two processes can never both hold it (a
+    check-then-write lock could), and the kernel drops it when the holder dies, kill -9
+    included, so a dead driver never blocks ``restart``.  The file's content (host, pid,
+    process group, start time) is informational: junk in it is shown, never trusted.  The file
+    is never unlinked (unlinking would let a waiter lock an orphaned inode).  On NFS, Linux
+    maps flock to POSIX byte-range locks, which NFSv4 servers arbitrate across hosts.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
+        self.previous: dict[str, Any] = {}
+
+    def _read_info(self, fd: int) -> dict[str, Any]:
+        try:
+            raw = os.pread(fd, 4096, 0)
+            info = json.loads(raw.decode("utf-8"))
+            if isinstance(info, dict):
+                return info
+        except (OSError, ValueError):
+            pass
+        return {"pid": "?", "host": "?", "note": "unreadable lock content"}
 
     def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now (its recorded info), or None when nobody does."""
         try:
-            info = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
             return None
-        if info.get("host") == socket.gethostname():
+        try:
             try:
-                os.kill(int(info["pid"]), 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-        return info
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._read_info(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "DriverLock":
-        held = self.holder()
-        if held is not None and not (held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()):
-            raise PlanningError(f"run is being driven by pid {held['pid']} on {held['host']} "
-                                f"(since {held.get('started')}); lock {self.path}")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_bytes_atomic(self.path, json.dumps(info).encode())
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PlanningError(f"cannot open the run lock {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = self._read_info(fd)
+            os.close(fd)
+            raise PlanningError(f"run is being driven by pid {held.get('pid')} on {held.get('host')} "
+                                f"(since {held.get('started')}); lock {self.path}") from None
+        self.previous = self._read_info(fd)  # a dead driver's record: restart cleans up after it
+        token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "pgid": os.getpgid(0), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": token}
+        # every process this driver starts (Parsl interchange, worker pools, MPI launchers)
+        # inherits the token: after a kill -9 they are found by it, whatever they renamed
+        # themselves to (Parsl sets process titles)
+        os.environ[DRIVER_TOKEN_VAR] = token
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass  # informational only (a full disk must not stop a restart from taking the lock)
+        self._fd = fd
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        os.environ.pop(DRIVER_TOKEN_VAR, None)
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def _storage_error(exc: BaseException) -> BaseException:
+    """StorageFull for the database's own words for a full or read-only disk, else ``exc``."""
+    text = str(exc).lower()
+    if "disk is full" in text or "readonly" in text or "read-only" in text or "no space" in text:
+        return StorageFull(f"the registry cannot be written ({str(exc).splitlines()[0]}); free space "
+                           f"(or make it writable), then `lsst-prod restart`")
+    return exc
 
 
 def _injection_for(campaign: Campaign, stage: str, data_id: DataId) -> dict[str, Any] | None:
@@ -173,6 +230,13 @@ class Driver:
         if not keys or any(t not in gather for t, _ in keys):
             return None
         return keys
+
+    def _remove_outputs(self, record: dict[str, Any]) -> None:
+        for out in record.get("outputs") or []:
+            try:
+                self.repo.path_of(out["path"]).unlink(missing_ok=True)
+            except Exception:  # noqa: BLE001 - best effort while the disk is failing
+                pass
 
     def execute(self, to_run: set[str] | None = None) -> RunResult:
         """Run ``to_run`` (default: the whole graph); quanta outside it count as done."""
@@ -333,7 +397,20 @@ class Driver:
                             action = Action.FAIL  # already on the largest class the site has
                     status = {Action.SUCCEED: record["outcome"], Action.RETRY: "submitted",
                               Action.FAIL: "failed", Action.STOP_STAGE: "failed", Action.BLOCK: "blocked"}[action]
-                    self.writer.record_attempt(record, status)
+                    try:
+                        self.writer.record_attempt(record, status)
+                    except Exception as exc:
+                        # the registry cannot take the record (a full disk, a read-only file
+                        # system): the attempt's files would be unregistered, so remove them, and
+                        # those of the attempts still in flight once they end, before stopping;
+                        # `restart` re-runs those quanta (DriverLost)
+                        self._remove_outputs(record)
+                        for other in wait(list(inflight), timeout=600).done:
+                            try:
+                                self._remove_outputs(other.result())
+                            except Exception:  # noqa: BLE001 - a lost worker wrote nothing to keep
+                                pass
+                        raise _storage_error(exc) from exc
                     if action is Action.SUCCEED:
                         finish(qid, record["outcome"])
                     elif action is Action.RETRY:

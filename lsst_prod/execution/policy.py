@@ -11,6 +11,10 @@ UnexpectedError    an exception we did not classify: do not retry; blocked
 InvalidQuantum     do not retry; stop the stage (its unsubmitted quanta are blocked)
 InsufficientInputs a gather quantum below its stage's minimum (producers failed):
                    not retried; the quantum is blocked (restart re-runs it)
+CorruptInput       an input does not match its registered checksum (or is missing):
+                   not retried; downstream blocked (restore it, then restart)
+StorageFull        no space left / read-only file system: not retried; downstream
+                   blocked (free space, then restart)
 NoWorkFound        not a failure: the quantum succeeds with no outputs
 =================  ===========================================================
 """

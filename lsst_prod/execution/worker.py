@@ -11,6 +11,7 @@ surfacing from the Parsl future itself always means the worker was lost.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import socket
@@ -122,6 +123,31 @@ class _MemoryLimit:
             resource.setrlimit(resource.RLIMIT_DATA, self.saved)
 
 
+#: Below this much free space a failed write is attributed to a full disk, whatever the library
+#: that failed said (cfitsio reports "status 252", arrow "IOError").
+LOW_SPACE_BYTES = 16 << 20
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "the file system is read-only"}
+
+
+def storage_problem(exc: BaseException, repo_root: str) -> str | None:
+    """A sentence when ``exc`` comes from a full or read-only file system, else None."""
+    code = getattr(exc, "errno", None)
+    if code in _STORAGE_ERRNOS:
+        return f"{_STORAGE_ERRNOS[code]} ({exc}); free space under {repo_root}, then `lsst-prod restart`"
+    try:
+        st = os.statvfs(repo_root)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free < LOW_SPACE_BYTES:
+        return (f"no space left under {repo_root} ({free // 1024} KiB free) while the quantum failed with "
+                f"{type(exc).__name__}: {str(exc)[:200]}; free space, then `lsst-prod restart`")
+    if not os.access(repo_root, os.W_OK):
+        return f"{repo_root} is not writable ({type(exc).__name__}: {str(exc)[:200]})"
+    return None
+
+
 def start_marker(repo_root: str, run: str, quantum_id: str, attempt: int) -> Path:
     """File a worker touches when an attempt starts: the driver times walltimes from it."""
     import hashlib
@@ -199,9 +225,13 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
         extra=payload.get("extra") or {},
     )
     limit = payload.get("memory_limit_gib") if payload.get("executor") != "threads" else None
+    verified: dict[str, float] = {}
     try:
         log.info("[%s] %s attempt %d starting", data_id, stage_name, payload["attempt"])
         _inject(payload.get("inject"), payload["attempt"], payload.get("executor", ""))
+        tv = time.perf_counter()
+        nbytes = sum(repo.verify(ref) for ref in ctx.inputs.values())
+        verified = {"input_mib_verified": round(nbytes / 2**20, 2), "input_verify_s": round(time.perf_counter() - tv, 4)}
         with _MemoryLimit(limit):
             stage_cls().run_quantum(ctx)
         record["outcome"] = "succeeded"
@@ -219,25 +249,44 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
         record.update(outcome="failed", error_class="OutOfMemory",
                       error_message=f"MemoryError: {exc} (memory class limit {limit} GiB)")
     except OSError as exc:
-        err = TransientError(f"{type(exc).__name__}: {exc}")
-        record.update(outcome="failed", error_class=err.error_class, error_message=str(err))
-        log.warning("[%s] %s: I/O error treated as transient: %s", data_id, stage_name, exc)
+        full = storage_problem(exc, payload["repo_root"])
+        if full:
+            record.update(outcome="failed", error_class="StorageFull", error_message=full)
+            log.error("[%s] %s: %s", data_id, stage_name, full)
+        else:
+            err = TransientError(f"{type(exc).__name__}: {exc}")
+            record.update(outcome="failed", error_class=err.error_class, error_message=str(err))
+            log.warning("[%s] %s: I/O error treated as transient: %s", data_id, stage_name, exc)
     except Exception as exc:  # a bug or unclassified failure: keep the traceback
-        record.update(
-            outcome="failed",
-            error_class="UnexpectedError",
-            error_message=f"{type(exc).__name__}: {exc}",
-            error_metadata={"traceback": traceback.format_exc(limit=8)},
-        )
-        log.error("[%s] %s: unexpected %s: %s", data_id, stage_name, type(exc).__name__, exc)
+        full = storage_problem(exc, payload["repo_root"])
+        if full:  # libraries (cfitsio, arrow) report a full disk in their own words
+            record.update(outcome="failed", error_class="StorageFull", error_message=full)
+            log.error("[%s] %s: %s", data_id, stage_name, full)
+        else:
+            record.update(
+                outcome="failed",
+                error_class="UnexpectedError",
+                error_message=f"{type(exc).__name__}: {exc}",
+                error_metadata={"traceback": traceback.format_exc(limit=8)},
+            )
+            log.error("[%s] %s: unexpected %s: %s", data_id, stage_name, type(exc).__name__, exc)
     finally:
         root.removeHandler(tail)
     record["end"] = _now()
     record["wall_s"] = time.perf_counter() - t0
     record["cpu_s"] = time.process_time() - c0
     record["peak_rss_mib"] = _peak_rss_mib()
-    record["outputs"] = [r.to_dict() for r in ctx.outputs] if record["outcome"] == "succeeded" else []
-    record["summary"] = ctx.summary
+    if record["outcome"] == "succeeded":
+        record["outputs"] = [r.to_dict() for r in ctx.outputs]
+    else:
+        # a failed attempt leaves no file behind: what it wrote before failing is unregistered
+        for ref in ctx.outputs:
+            try:
+                repo.path_of(ref).unlink(missing_ok=True)
+            except OSError:
+                pass
+        record["outputs"] = []
+    record["summary"] = {**ctx.summary, **verified} if record["outcome"] == "succeeded" else ctx.summary
     record["log_tail"] = "\n".join(tail.lines)
     return record
 

@@ -11,6 +11,7 @@ the quantum and the dataset.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -65,6 +66,13 @@ class PlanningContext:
         """Visit records selected by the campaign (bands, dates, include/exclude)."""
         cfg = self.campaign.config
         sel = cfg.visits
+        known = sorted(set(self.camera.physical_filters.values()))
+        for i, band in enumerate(cfg.bands):
+            if band not in known:
+                close = difflib.get_close_matches(band, known, n=1) or [b for b in known if b.lower() == band.lower()]
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise PlanningError(f"{self.campaign.doc.where(('bands', i))}: key 'bands.{i}': instrument "
+                                    f"{self.instrument!r} has no band {band!r} (its bands: {known}){hint}")
         out = []
         for v in self.repo.visits(self.instrument):
             if v["band"] not in cfg.bands:

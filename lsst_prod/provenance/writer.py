@@ -39,6 +39,26 @@ class ProvenanceWriter:
             if rows:
                 c.execute(quanta.insert(), rows)
 
+    def record_lost_in_flight(self, previous_driver: dict[str, Any]) -> list[str]:
+        """Attempts that a dead driver had in flight (quanta left ``submitted`` or ``running``)
+        become failed attempts of class ``DriverLost``, so provenance shows every attempt that
+        was started; returns their quantum IDs.  Called by ``restart`` once it holds the lock."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(quanta.c.quantum_id, quanta.c.stage, quanta.c.data_id, quanta.c.n_attempts,
+                                       quanta.c.status)
+                             .where((quanta.c.run == self.run) & quanta.c.status.in_(("submitted", "running"))))
+            rows = list(rows)
+        who = f"pid {previous_driver.get('pid', '?')} on {previous_driver.get('host', '?')}"
+        for r in rows:
+            self.record_attempt({
+                "quantum_id": r.quantum_id, "stage": r.stage, "data_id": DataId.from_key(r.data_id).to_dict(),
+                "attempt": int(r.n_attempts or 0) + 1, "outcome": "failed", "error_class": "DriverLost",
+                "error_message": f"the driver ({who}, started {previous_driver.get('started', '?')}) died while "
+                                 f"this attempt was {r.status}; its result, if any, was never recorded",
+                "end": utcnow(),
+            }, final_status="planned")
+        return [r.quantum_id for r in rows]
+
     def set_status(self, quantum_ids: Iterable[str], status: str, error_class: str | None = None,
                    error_message: str | None = None) -> None:
         ids = list(quantum_ids)

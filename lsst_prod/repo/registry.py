@@ -104,9 +104,21 @@ class DatasetRef:
         return cls(d["dataset_type"], DataId(d["data_id"]), d["run"], d["path"], d["checksum"], int(d["size"]))
 
 
-def make_engine(url: str) -> sa.Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, read_only: bool = False) -> sa.Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys.
+
+    ``read_only`` (a repository on a read-only file system or without write permission): SQLite
+    opens the file immutable, so reading it never tries to create its -wal/-shm sidecars."""
     if url.startswith("sqlite"):
+        if read_only:
+            path = url.split("sqlite:///", 1)[1]
+            engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&immutable=1&uri=true")
+
+            @event.listens_for(engine, "connect")
+            def _ro(dbapi_conn, _record):  # pragma: no cover - trivial
+                dbapi_conn.execute("PRAGMA query_only=ON")
+
+            return engine
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
