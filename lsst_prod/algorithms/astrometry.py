@@ -150,6 +150,8 @@ class AstrometricSolution:
     n_verified: int = 0
     n_expected_chance: float = float("nan")
     log10_false_alarm: float = float("nan")
+    radial_distortion: bool = False
+    n_params: int = 0
 
 
 def _fit_poly(u_, v_, xi, eta, terms, nsigma: float, n_clip: int = 5):
@@ -175,31 +177,16 @@ def _similarity_design(U, V):
     return np.vstack([np.column_stack([one, zero, U, -V]), np.column_stack([zero, one, V, U])])
 
 
-def _fit_model(order, u_, v_, U, V, xi, eta, nsigma: float, n_clip: int = 5):
-    """Fit (order 0: a similarity of the header-WCS plane coordinates U, V; order >= 1: a
-    polynomial in the pixel variables u, v) with sigma clipping.  Returns (coef, kept mask)."""
-    if order >= 1:
-        cx, cy, keep = _fit_poly(u_, v_, xi, eta, _poly_terms(order), nsigma, n_clip)
-        return (cx, cy), keep
-    keep = np.ones(len(U), bool)
-    for _ in range(n_clip):
-        coef, *_ = np.linalg.lstsq(_similarity_design(U[keep], V[keep]), np.r_[xi[keep], eta[keep]], rcond=None)
-        pxi, peta = _predict(0, coef, u_, v_, U, V)
-        res = np.hypot(xi - pxi, eta - peta)
-        sigma = 1.4826 * np.median(res[keep]) / 1.1774
-        new_keep = res <= nsigma * max(sigma, 1e-4) * 1.1774
-        if np.array_equal(new_keep, keep) or new_keep.sum() < 4:
-            break
-        keep = new_keep
-    return coef, keep
-
-
-def _predict(order, coef, u_, v_, U, V):
-    if order >= 1:
-        design = _poly_design(u_, v_, _poly_terms(order))
-        return design @ coef[0], design @ coef[1]
-    a, b, p, q = coef
-    return a + p * U - q * V, b + q * U + p * V
+# WCS models, written (order, radial).  order 0: a similarity of the header-WCS plane coordinates
+# (U, V) (4 parameters: offset, rotation, scale); order >= 1: a polynomial of that total order in the
+# pixel variables (u, v) per axis.  radial: plus the third-order (Seidel) distortion of an axially
+# symmetric telescope about the optical axis, c |W|^2 W with W the offset from the rotator axis (the
+# header's reference point) in the header-WCS plane: ONE more parameter, which a handful of stars
+# constrain, where a general quadratic + cubic needs 14 more per axis.
+def _n_total(model: tuple[int, bool]) -> int:
+    """Parameters of a model over both axes."""
+    order, radial = model
+    return (4 if order == 0 else 2 * len(_poly_terms(order))) + int(radial)
 
 
 def _n_params(order: int) -> int:
@@ -207,34 +194,110 @@ def _n_params(order: int) -> int:
     return 2 if order == 0 else len(_poly_terms(order))
 
 
-def _choose_order(u_, v_, U, V, xi, eta, max_order: int) -> int:
-    """Model order (0 = similarity, <= max_order, >= 2 matches per coefficient) with the lowest BIC."""
-    best, best_bic = 0, np.inf
+#: a model is fitted only with at least this many more constraints (2 per match) than parameters
+_MIN_DOF = 3
+
+
+def _enough(n_matches: int, model: tuple[int, bool]) -> bool:
+    return 2 * n_matches >= _n_total(model) + _MIN_DOF
+
+
+def _candidate_models(max_order: int) -> list[tuple[int, bool]]:
+    """Models up to polynomial order ``max_order``, fewest parameters first.  The radial term needs
+    a cubic SIP to be written, hence ``max_order >= 3``; order 3 and above hold it already."""
+    out: list[tuple[int, bool]] = []
     for order in range(0, max_order + 1):
-        if len(u_) < 2 * _n_params(order):
+        out.append((order, False))
+        if max_order >= 3 and order <= 2:
+            out.append((order, True))
+    return sorted(out, key=_n_total)
+
+
+def _model_design(model, u_, v_, U, V, R):
+    """(2n, P) design of ``model`` for [xi; eta]; R (complex) the radial basis |W|^2 W (see above)."""
+    order, radial = model
+    if order == 0:
+        design = _similarity_design(U, V)
+    else:
+        d = _poly_design(u_, v_, _poly_terms(order))
+        z = np.zeros_like(d)
+        design = np.vstack([np.hstack([d, z]), np.hstack([z, d])])
+    if radial:
+        design = np.column_stack([design, np.r_[R.real, R.imag]])
+    return design
+
+
+def _fit_model(model, u_, v_, U, V, R, xi, eta, nsigma: float, n_clip: int = 5):
+    """Fit ``model`` with sigma clipping.  Returns (coef, kept mask)."""
+    if model[0] >= 1 and not model[1]:
+        cx, cy, keep = _fit_poly(u_, v_, xi, eta, _poly_terms(model[0]), nsigma, n_clip)
+        return np.r_[cx, cy], keep
+    design = _model_design(model, u_, v_, U, V, R)
+    n = len(u_)
+    keep = np.ones(n, bool)
+    for _ in range(n_clip):
+        kk = np.r_[keep, keep]
+        coef, *_ = np.linalg.lstsq(design[kk], np.r_[xi, eta][kk], rcond=None)
+        pxi, peta = _predict(model, coef, u_, v_, U, V, R)
+        res = np.hypot(xi - pxi, eta - peta)
+        sigma = 1.4826 * np.median(res[keep]) / 1.1774
+        new_keep = res <= nsigma * max(sigma, 1e-4) * 1.1774
+        if np.array_equal(new_keep, keep) or new_keep.sum() < max(_n_total(model) // 2 + 2, 4):
             break
-        coef, _ = _fit_model(order, u_, v_, U, V, xi, eta, nsigma=np.inf, n_clip=1)
-        pxi, peta = _predict(order, coef, u_, v_, U, V)
+        keep = new_keep
+    return coef, keep
+
+
+def _predict(model, coef, u_, v_, U, V, R):
+    p = _model_design(model, u_, v_, U, V, R) @ coef
+    n = len(p) // 2
+    return p[:n], p[n:]
+
+
+def _choose_model(u_, v_, U, V, R, xi, eta, max_order: int) -> tuple[int, bool]:
+    """The model (<= max_order, at least as many matches as parameters over both axes, i.e. two
+    constraints per parameter) with the lowest BIC."""
+    best, best_bic = (0, False), np.inf
+    for model in _candidate_models(max_order):
+        if not _enough(len(u_), model):
+            break
+        coef, _ = _fit_model(model, u_, v_, U, V, R, xi, eta, nsigma=np.inf, n_clip=1)
+        pxi, peta = _predict(model, coef, u_, v_, U, V, R)
         rss = float(np.sum((pxi - xi) ** 2 + (peta - eta) ** 2))
-        n, k = 2 * len(u_), 2 * _n_params(order)
-        bic = n * np.log(max(rss, 1e-30) / n) + k * np.log(n)
+        n, k = 2 * len(u_), _n_total(model)
+        # BIC, or the small-sample corrected AIC (AICc) where that penalty is the larger (a few
+        # constraints per parameter: BIC alone then prefers models that fit the noise)
+        penalty = max(k * np.log(n), 2 * k + 2 * k * (k + 1) / max(n - k - 1, 1e-9))
+        bic = n * np.log(max(rss, 1e-30) / n) + penalty
         if bic < best_bic:
-            best, best_bic = order, bic
+            best, best_bic = model, bic
     return best
 
 
-def _similarity_to_linear(coef, initial_wcs: WCS, plane, centre, scale, shape):
-    """Order-1 polynomial coefficients in (u, v) equal to a similarity of the header-WCS plane
-    coordinates (the header WCS is TAN, so U, V are linear in pixels to < 1e-6 arcsec here)."""
+def _model_to_poly(model, coef, initial_wcs: WCS, plane, radial_basis, centre, scale, shape):
+    """Coefficients (cx, cy) in (u, v) of the polynomial that equals the model in ``plane``: the
+    model itself for a plain polynomial, else a fit on a grid over the detector (exact: the header WCS
+    is TAN, so U, V are linear in pixels to < 1e-6 arcsec here, and the radial term is a cubic in U, V)."""
+    order, radial = model
+    if order >= 1 and not radial:
+        n = len(coef) // 2
+        return coef[:n], coef[n:]
     ny, nx = shape
-    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 7), np.linspace(0, ny - 1, 7))
     gx, gy = gx.ravel(), gy.ravel()
     U, V = _project(*initial_wcs.all_pix2world(gx, gy, 0), *plane)
-    pxi, peta = _predict(0, coef, None, None, U, V)
-    design = _poly_design((gx - centre[0]) / scale, (gy - centre[1]) / scale, _poly_terms(1))
+    gu, gv = (gx - centre[0]) / scale, (gy - centre[1]) / scale
+    pxi, peta = _predict(model, coef, gu, gv, U, V, radial_basis(U, V, plane))
+    design = _poly_design(gu, gv, _poly_terms(_poly_order_of(model)))
     cx, *_ = np.linalg.lstsq(design, pxi, rcond=None)
     cy, *_ = np.linalg.lstsq(design, peta, rcond=None)
     return cx, cy
+
+
+def _poly_order_of(model) -> int:
+    """Order of the pixel polynomial that writes ``model`` exactly (the header's SIP order)."""
+    order, radial = model
+    return max(order, 3 if radial else 1)
 
 
 def reserve_mask(ref_id: np.ndarray, fraction: float, salt: int = 0x5EED_A57E) -> np.ndarray:
@@ -264,6 +327,45 @@ def match_to_reference(ra, dec, ref_ra, ref_dec, radius_arcsec: float) -> tuple[
     rxi, reta = _project(ref_ra, ref_dec, ra0, dec0)
     si, ri = mutual_nearest(sxi, seta, cKDTree(np.column_stack([rxi, reta])), radius_arcsec)
     return ok[si], ri
+
+
+#: each failed search widens the pointing search radius by this factor (80" -> 4' -> 12')
+SEARCH_WIDENING = 3.0
+
+
+def search_radii(first_arcsec: float, max_arcsec: float | None) -> list[float]:
+    """Pointing search radii tried in turn: ``first``, then x ``SEARCH_WIDENING`` up to ``max`` (its last)."""
+    radii = [float(first_arcsec)]
+    if max_arcsec is None:
+        return radii
+    while radii[-1] < float(max_arcsec) - 1e-9:
+        radii.append(min(radii[-1] * SEARCH_WIDENING, float(max_arcsec)))
+    return radii
+
+
+def _pattern_windows(rx, ry, n_r: int, centre: complex, search_r: float, r_det: float, tiled: bool):
+    """Index arrays of reference stars (brightness-ordered) to match triangles against.  First radius:
+    windows in brightness rank.  Wider radii: the ``n_r`` brightest within 1.5 detector half-diagonals of
+    each node of a grid (spacing one half-diagonal) over the disk the detector centre can reach."""
+    n = len(rx)
+    if not tiled:
+        starts = [0] + [s0 for s0 in (n_r // 2, n_r, 2 * n_r, 4 * n_r) if s0 + n_r // 2 < n]
+        return [np.arange(s0, min(s0 + n_r, n)) for s0 in starts]
+    tree = cKDTree(np.column_stack([rx, ry]))
+    k = int(np.ceil(search_r / r_det))
+    grid = np.arange(-k, k + 1) * r_det
+    gx, gy = np.meshgrid(grid, grid)
+    d = np.hypot(gx, gy).ravel()
+    order = np.argsort(d, kind="stable")  # nearest the nominal position first
+    out = []
+    for i in order:
+        if d[i] > search_r + r_det:
+            continue
+        idx = np.sort(np.asarray(tree.query_ball_point([centre.real + gx.ravel()[i], centre.imag + gy.ravel()[i]],
+                                                      1.5 * r_det), dtype=np.int64))[:n_r]
+        if len(idx) >= 3:
+            out.append(idx)
+    return out
 
 
 def _vote(bx, by, rx, ry, pivot: complex, radius: float, rotations: np.ndarray, bin_size: float = 0.5):
@@ -313,6 +415,7 @@ def fit_wcs(
     match_tolerance_arcsec: float = 1.5,
     max_false_alarm: float = 1e-6,
     method: str = "auto",
+    max_search_radius_arcsec: float | None = None,
 ) -> AstrometricSolution:
     """Fit a TAN-SIP WCS of one detector to a reference catalogue.
 
@@ -341,6 +444,12 @@ def fit_wcs(
     method:
         ``"auto"`` (rotation-scanned offset vote, then triangle pattern matching
         if the vote's candidate is not verified), ``"vote"`` or ``"pattern"``.
+    max_search_radius_arcsec:
+        When no candidate is verified within ``search_radius_arcsec``, the search is repeated
+        with the radius widened x3 (:func:`search_radii`) up to this (None: no widening).  The
+        false-alarm test of each widened search counts every hypothesis of the wider disk
+        (n_hypotheses grows as the radius squared), so a larger radius needs more matches,
+        or smaller residuals, to be accepted.
 
     Raises :class:`~lsst_prod.errors.AlgorithmError` (metadata ``n_matched``, and
     for an unverified match ``n_expected``, ``log10_false_alarm``) when no
@@ -374,61 +483,75 @@ def fit_wcs(
     d_axis = abs(footprint.centre - pivot)  # a rotation about the axis also moves the detector by theta * d_axis
     theta_max = np.deg2rad(max_rotation_deg)
     tol = float(match_tolerance_arcsec)
-    # reference stars that can land on the detector under any searched hypothesis
-    margin = search_radius_arcsec + theta_max * (d_axis + r_det) + max_scale_error * r_det + tol + 2.0
-    ref_ok = np.isfinite(rxi) & np.isfinite(reta) & (np.abs(rxi) < np.abs(cxi).max() + margin)
-    ref_ok &= np.abs(reta) < np.abs(ceta).max() + margin
-    ref_idx = np.flatnonzero(ref_ok)
-    ref_idx = ref_idx[np.argsort(np.nan_to_num(ref_mag[ref_idx], nan=99.0), kind="stable")]  # brightest first
-    if len(src_idx) < min_matches or len(ref_idx) < min_matches:
-        raise AlgorithmError(
-            "too few sources or reference stars for astrometry",
-            n_matched=0, n_sources=int(len(src_idx)), n_refs=int(len(ref_idx)),
-        )  # fmt: skip
-    rx, ry = rxi[ref_idx], reta[ref_idx]
-    ref_tree = cKDTree(np.column_stack([rx, ry]))
-    # the detector centre moves by up to the pointing error plus theta * d_axis
-    search = SearchSpace(search_radius_arcsec + theta_max * d_axis, theta_max, max_scale_error, r_det)
-
-    def verify(transform: Similarity) -> Verification:
-        return verify_transform(transform, sxi, seta, rx, ry, footprint, tolerance=tol, search=search,
-                                max_false_alarm=max_false_alarm, min_matches=min_matches, ref_tree=ref_tree)
-
-    # --- 1. a verified similarity: offset vote over trial rotations, then triangles ----
+    if len(src_idx) < min_matches:
+        raise AlgorithmError("too few sources or reference stars for astrometry", n_matched=0,
+                             n_sources=int(len(src_idx)), n_refs=int(len(ref_ra)))
+    ref_fin = np.isfinite(rxi) & np.isfinite(reta)
+    radii = search_radii(search_radius_arcsec, max_search_radius_arcsec)
     tried: list[tuple[str, Verification]] = []
     accepted: tuple[str, Verification] | None = None
-    if method in ("auto", "vote"):
-        step = min(1.0 / max(r_det, 1.0), 2 * theta_max + 1e-12)  # blur <= 0.5" at the corners
-        n_rot = int(np.ceil(theta_max / step))
-        rotations = np.linspace(-n_rot * step, n_rot * step, 2 * n_rot + 1) if n_rot else np.zeros(1)
-        radius = search_radius_arcsec + 0.5 * step * d_axis + 2.0
-        nb = min(n_bright, len(sxi))
-        n_vr = 4 * n_bright  # the brightest sources' counterparts, over a region a few times the detector
-        significance, transform, _ = _vote(sxi[:nb], seta[:nb], rx[:n_vr], ry[:n_vr], pivot, radius, rotations)
-        if np.isfinite(significance):
-            result = verify(transform)
-            tried.append(("vote", result))
-            if result.accepted:
-                accepted = ("vote", result)
-    if accepted is None and method in ("auto", "pattern"):
-        # The brightest sources against windows of reference stars in brightness rank: the
-        # brightest reference stars are often saturated, hence missing from the sources.
-        n_s, n_r = 30, 50
-        starts = [0] + [s0 for s0 in (n_r // 2, n_r, 2 * n_r, 4 * n_r) if s0 + n_r // 2 < len(rx)]
-        for s0 in starts:
-            candidates = triangle_candidates(
-                sxi[:n_s], seta[:n_s], rx[s0 : s0 + n_r], ry[s0 : s0 + n_r], tolerance=tol,
-                max_rotation_rad=theta_max, max_scale_error=max_scale_error, max_shift=search_radius_arcsec + tol,
-                pivot=pivot, radius=r_det,
-            )  # fmt: skip
-            for transform, _support in candidates:
+    mag_lim = None  # the vote's reference stars: as deep as the 4 n_bright brightest near the detector
+    for search_r in radii:
+        # reference stars that can land on the detector under any searched hypothesis
+        margin = search_r + theta_max * (d_axis + r_det) + max_scale_error * r_det + tol + 2.0
+        ref_ok = ref_fin & (np.abs(rxi) < np.abs(cxi).max() + margin) & (np.abs(reta) < np.abs(ceta).max() + margin)
+        ref_idx = np.flatnonzero(ref_ok)
+        ref_idx = ref_idx[np.argsort(np.nan_to_num(ref_mag[ref_idx], nan=99.0), kind="stable")]  # brightest first
+        if len(ref_idx) < min_matches:
+            if search_r == radii[-1]:
+                raise AlgorithmError("too few sources or reference stars for astrometry", n_matched=0,
+                                     n_sources=int(len(src_idx)), n_refs=int(len(ref_idx)))
+            continue
+        rx, ry = rxi[ref_idx], reta[ref_idx]
+        ref_tree = cKDTree(np.column_stack([rx, ry]))
+        # the detector centre moves by up to the pointing error plus theta * d_axis: every hypothesis of the
+        # widest radius searched so far counts against chance (the smaller disks are inside it)
+        search = SearchSpace(search_r + theta_max * d_axis, theta_max, max_scale_error, r_det)
+
+        def verify(transform: Similarity) -> Verification:
+            return verify_transform(transform, sxi, seta, rx, ry, footprint, tolerance=tol, search=search,
+                                    max_false_alarm=max_false_alarm, min_matches=min_matches, ref_tree=ref_tree)
+
+        # --- 1. a verified similarity: offset vote over trial rotations, then triangles ----
+        if method in ("auto", "vote"):
+            step = min(1.0 / max(r_det, 1.0), 2 * theta_max + 1e-12)  # blur <= 0.5" at the corners
+            n_rot = int(np.ceil(theta_max / step))
+            rotations = np.linspace(-n_rot * step, n_rot * step, 2 * n_rot + 1) if n_rot else np.zeros(1)
+            radius = search_r + 0.5 * step * d_axis + 2.0
+            nb = min(n_bright, len(sxi))
+            n_vr = 4 * n_bright  # the brightest sources' counterparts, over a region a few times the detector
+            if mag_lim is None:
+                mag_lim = float(np.nan_to_num(ref_mag[ref_idx[min(n_vr, len(ref_idx)) - 1]], nan=99.0))
+            # a wider search keeps the reference density (stars brighter than the first radius' limit)
+            n_use = max(n_vr, int(np.searchsorted(np.nan_to_num(ref_mag[ref_idx], nan=99.0), mag_lim, side="right")))
+            significance, transform, _ = _vote(sxi[:nb], seta[:nb], rx[:n_use], ry[:n_use], pivot, radius, rotations)
+            if np.isfinite(significance):
                 result = verify(transform)
-                tried.append(("pattern", result))
-                if result.accepted:  # the most supported verified candidate
-                    accepted = ("pattern", result)
+                tried.append(("vote", result))
+                if result.accepted:
+                    accepted = ("vote", result)
+        if accepted is None and method in ("auto", "pattern"):
+            # The brightest sources against windows of reference stars in brightness rank: the
+            # brightest reference stars are often saturated, hence missing from the sources.  Beyond the
+            # first radius, in tiles of the detector's size over the searched disk (the brightest stars
+            # of a region 50x the detector's are mostly off it).
+            n_s, n_r = 30, 50
+            for sel in _pattern_windows(rx, ry, n_r, footprint.centre, search_r, r_det, tiled=search_r != radii[0]):
+                candidates = triangle_candidates(
+                    sxi[:n_s], seta[:n_s], rx[sel], ry[sel], tolerance=tol,
+                    max_rotation_rad=theta_max, max_scale_error=max_scale_error, max_shift=search_r + tol,
+                    pivot=pivot, radius=r_det,
+                )  # fmt: skip
+                for transform, _support in candidates:
+                    result = verify(transform)
+                    tried.append(("pattern", result))
+                    if result.accepted:  # the most supported verified candidate
+                        accepted = ("pattern", result)
+                        break
+                if accepted is not None:
                     break
-            if accepted is not None:
-                break
+        if accepted is not None:
+            break
     if accepted is None:
         best = min(tried, key=lambda t: (t[1].log10_false_alarm, -t[1].n_matched))[1] if tried else None
         raise AlgorithmError(
@@ -437,6 +560,7 @@ def fit_wcs(
             n_expected=round(float(best.n_expected), 3) if best else float("nan"),
             log10_false_alarm=round(float(best.log10_false_alarm), 2) if best else 0.0,
             n_sources=int(len(src_idx)), n_refs=int(len(ref_idx)), methods="+".join(sorted({t[0] for t in tried})),
+            search_radius_arcsec=float(radii[-1]),
         )  # fmt: skip
     method_used, verified = accepted
     transform = verified.transform
@@ -444,48 +568,55 @@ def fit_wcs(
     # --- 2. match and fit, shrinking the radius -------------------------------------
     u_, v_ = (x[src_idx] - xc) / scale, (y[src_idx] - yc) / scale
     U, V = sxi, seta
+    r_scale = max(d_axis + r_det, 1.0)  # |W| <= ~1 over the detector
+
+    def radial_basis(U_, V_, plane):
+        """|W|^2 W, W = (position - rotator axis) / r_scale in the header-WCS plane about ``plane``."""
+        axis = complex(*_project(*(float(v) for v in initial_wcs.wcs.crval), *plane))
+        w = (np.asarray(U_) + 1j * np.asarray(V_) - axis) / r_scale
+        return w * np.abs(w) ** 2 * r_scale
+
+    R = radial_basis(U, V, (ra0, dec0))
     pred_xi, pred_eta = transform.apply(sxi, seta)
     radius = 2.0
-    order = 1 if verified.n_matched >= 2 * _n_params(1) else 0
+    model = (1, False) if _enough(verified.n_matched, (1, False)) else (0, False)
     prev = None
     for _ in range(max_iter):
         ms, mr = mutual_nearest(pred_xi, pred_eta, ref_tree, radius)
-        fit_order = order
-        if len(ms) < max(min_matches, 2 * _n_params(fit_order)):
+        fit_model = model
+        if len(ms) < min_matches or not _enough(len(ms), fit_model):
             raise AlgorithmError("too few astrometric matches", n_matched=int(len(ms)))
-        coef, keep = _fit_model(fit_order, u_[ms], v_[ms], U[ms], V[ms], rx[mr], ry[mr], nsigma)
-        pred_xi, pred_eta = _predict(fit_order, coef, u_, v_, U, V)
+        coef, keep = _fit_model(fit_model, u_[ms], v_[ms], U[ms], V[ms], R[ms], rx[mr], ry[mr], nsigma)
+        pred_xi, pred_eta = _predict(fit_model, coef, u_, v_, U, V, R)
         res = np.hypot(pred_xi[ms] - rx[mr], pred_eta[ms] - ry[mr])[keep]
         rms = float(np.sqrt(np.mean(res**2)))
         radius = float(np.clip(5.0 * rms, 0.5, 2.0))
         k = keep
-        target = _choose_order(u_[ms[k]], v_[ms[k]], U[ms[k]], V[ms[k]], rx[mr[k]], ry[mr[k]], sip_order)
-        state = (fit_order, tuple(ms[keep]), tuple(mr[keep]))
-        if fit_order == target and state == prev:
+        target = _choose_model(u_[ms[k]], v_[ms[k]], U[ms[k]], V[ms[k]], R[ms[k]], rx[mr[k]], ry[mr[k]], sip_order)
+        state = (fit_model, tuple(ms[keep]), tuple(mr[keep]))
+        if fit_model == target and state == prev:
             break
-        prev, order = state, target
-    ms, mr, order = ms[keep], mr[keep], fit_order
+        prev, model = state, target
+    ms, mr, model = ms[keep], mr[keep], fit_model
+    order = model[0]
     if len(ms) < min_matches:
         raise AlgorithmError("too few astrometric matches after clipping", n_matched=int(len(ms)))
 
     # --- 3. re-centre the tangent point on the detector centre; build TAN-SIP ------
-    terms = _poly_terms(max(order, 1))
+    poly_order = _poly_order_of(model)
+    terms = _poly_terms(poly_order)
     crval = (ra0, dec0)
     mra, mdec = ref_ra[ref_idx[mr]], ref_dec[ref_idx[mr]]
-    cx, cy = coef if order >= 1 else _similarity_to_linear(coef, initial_wcs, crval, (xc, yc), scale, detector_shape)
+    cx, cy = _model_to_poly(model, coef, initial_wcs, crval, radial_basis, (xc, yc), scale, detector_shape)
     for _ in range(3):
         xi_c, eta_c = cx[0], cy[0]  # sky position of the detector centre in the current plane
         crval = tuple(float(v) for v in _deproject(xi_c, eta_c, *crval))
         mxi, meta = _project(mra, mdec, *crval)
-        if order >= 1:
-            design = _poly_design(u_[ms], v_[ms], terms)
-            cx, *_ = np.linalg.lstsq(design, mxi, rcond=None)
-            cy, *_ = np.linalg.lstsq(design, meta, rcond=None)
-        else:
-            mU, mV = _project(sra[ms], sdec[ms], *crval)
-            c0, *_ = np.linalg.lstsq(_similarity_design(mU, mV), np.r_[mxi, meta], rcond=None)
-            cx, cy = _similarity_to_linear(c0, initial_wcs, crval, (xc, yc), scale, detector_shape)
-    header = _tan_sip_header(cx, cy, terms, order, crval, (xc, yc), scale, detector_shape)
+        mU, mV = _project(sra[ms], sdec[ms], *crval)
+        design = _model_design(model, u_[ms], v_[ms], mU, mV, radial_basis(mU, mV, crval))
+        c0, *_ = np.linalg.lstsq(design, np.r_[mxi, meta], rcond=None)
+        cx, cy = _model_to_poly(model, c0, initial_wcs, crval, radial_basis, (xc, yc), scale, detector_shape)
+    header = _tan_sip_header(cx, cy, terms, poly_order, crval, (xc, yc), scale, detector_shape)
     wcs = WCS(fits.Header(header))
     fxi, feta = _project(*wcs.all_pix2world(x[src_idx[ms]], y[src_idx[ms]], 0), *crval)
     mxi, meta = _project(mra, mdec, *crval)
@@ -501,7 +632,9 @@ def fit_wcs(
         matched_src_index=src_idx[ms].astype(np.int64),
         matched_ref_index=ref_idx[mr].astype(np.int64),
         initial_offset_arcsec=(float(shift.real), float(shift.imag)),
-        sip_order=int(order),
+        sip_order=int(poly_order if model[1] else order),
+        radial_distortion=bool(model[1]),
+        n_params=int(_n_total(model)),
         initial_rotation_deg=transform.rotation_deg,
         initial_scale=transform.scale,
         match_method=method_used,

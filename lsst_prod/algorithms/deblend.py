@@ -16,6 +16,11 @@ pixel and monotonic (no pixel above the value interpolated one Chebyshev ring
 closer to the peak along the ray to it).  Stop when no child's model changes by
 more than ``e_rel`` (relative) in an iteration, or after ``max_iter``.
 
+Companions without a peak of their own (closer than the peak image resolves) are
+found in the fit's residual (PSF-matched filter with the full variance, point-source
+and symmetry tests, refit and a chi2 test; ``_residual_search``), single-peak
+footprints included; their peaks are appended to ``DeblendResult.merged``.
+
 Flux conservation: child k receives ``D_b x M_kb / sum_j M_jb`` in every pixel of
 the parent region (masked pixels: the model; where all models vanish, a wing
 template shares the pixel), so the children sum exactly to the parent.  Algorithm
@@ -35,12 +40,14 @@ from scipy.optimize import nnls
 
 from . import masks
 from .measure import _centroid, _gather
+from .footprints import Footprints
 from .merge import MergedDetections
 
 METHOD = "scarlet-lite-like SED x morphology; proximal gradient (positivity, symmetry, monotonicity); flux conservation"
 DEFAULTS: dict[str, Any] = dict(
     max_iter=200, e_rel=1e-3, min_iter=10, max_peaks=25, max_footprint_area=100_000, max_model_size=20_000_000,
     max_masked_fraction=0.25, grow_pix=0, psf_cell=256,
+    residual_iterations=3, residual_threshold_sigma=5.0, residual_min_sep_fwhm=1.0,
 )
 
 
@@ -124,6 +131,7 @@ class DeblendResult:
     heavy: tuple[HeavyFootprint, ...]
     blends: dict[int, BlendModel]
     config: dict[str, Any]
+    merged: MergedDetections | None = None
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -402,6 +410,125 @@ def deblend_blend(data, usable, region, bgvar, kernels, peaks_xy, ref_sigma, con
     )
 
 
+# ----------------------------------------------------------------------------- residual peaks
+def point_source_dchi2(resid: np.ndarray, ivar: np.ndarray, stamps: list[np.ndarray]):
+    """Point-source matched filter of a residual.
+
+    ``resid`` (B, H, W) data - model, ``ivar`` (B, H, W) inverse variances (0 on pixels
+    not fitted), ``stamps`` the bands' unit-sum PSF images (odd size, centred).  For
+    a point source of amplitude a_b at pixel x, the least-squares amplitude is
+    c_b / n_b with c_b = sum p_b(. - x) ivar_b resid_b and n_b = sum p_b^2 ivar_b (the
+    PSF-matched filter of the residual and its normalisation); it lowers chi2 by
+    c_b^2 / n_b.  Returns (gain (H, W) = sum_b max(c_b, 0)^2 / n_b, the chi2 decrease
+    of a point source with a free non-negative SED; c (B, H, W); n (B, H, W))."""
+    from scipy.signal import fftconvolve
+
+    nb, h, w = resid.shape
+    c, n = np.zeros((nb, h, w)), np.zeros((nb, h, w))
+    for b in range(nb):
+        p = np.asarray(stamps[b], np.float64)[::-1, ::-1]
+        c[b] = fftconvolve(resid[b] * ivar[b], p, mode="same")
+        n[b] = np.maximum(fftconvolve(ivar[b], p * p, mode="same"), 0.0)
+    ok = n > 1e-12 * max(float(n.max()), 1e-300)
+    sig = np.where(ok, c / np.sqrt(np.where(ok, n, 1.0)), 0.0)
+    return (np.maximum(sig, 0.0) ** 2).sum(0), c, np.where(ok, n, 0.0)
+
+
+def _residual_search(data, var, usable, region, bgvar, kernels, stamps, peaks_xy, ref_sigma, cfg, origin, footprint,
+                     peaks, metadata, res, next_peak):
+    """DAOPHOT-style iterations: find point-like excess in the residual of the fit, add it, refit.
+
+    The residual's point-source chi2 gain (``point_source_dchi2``, full variance: Poisson
+    noise included) is searched at its local maxima in the parent region, at least
+    ``residual_min_sep_fwhm`` reference-band FWHM from every peak (closer, a companion is
+    below the resolution limit, and a star's model mismatch sits there).  A candidate, in
+    decreasing gain, must pass three point-source tests, each at the false-positive
+    probability p of a one-sided ``residual_threshold_sigma`` Gaussian tail (the detection
+    threshold):
+
+    1. gain > chi2_B.isf(p) (B bands: the gain of a free non-negative SED);
+    2. no band below -3 sigma (a real source fails this with probability 1.3e-3 per band):
+       a source with a non-negative SED cannot make the residual significantly negative;
+       there the residual is the model's error (a band's PSF-kernel mismatch);
+    3. the *antisymmetric* gain, with A_b = (c_b(x) - c_b(x')) / sqrt(n_b(x) + n_b(x')) and
+       x' the mirror of x about the centre of the child whose model dominates at x, also
+       exceeds chi2_B.isf(p): the children's models are 180-degree symmetric, so their
+       mismatch (PSF or kernel errors, a slightly asymmetric galaxy) is even about their
+       centres and cancels, while a companion, which the symmetric model absorbs half of
+       (leaving -1/2 at x'), does not.
+
+    The thresholds of 1 and 3 are multiplied by the residual's chi2 per pixel in an
+    annulus of 1-3 FWHM about the candidate when it exceeds 1 (structure the model leaves
+    there is the noise an excess is judged against).  The blend is then refitted with one
+    more child at x; the child is kept when the refit lowers chi2 by more than
+    chi2_{B+2}.isf(p) (B amplitudes and a 2-d position added) times the same factor, and
+    has a non-zero SED.  At most ``residual_iterations`` children are added, never
+    beyond ``max_peaks``.
+
+    ``res`` is the fit of ``peaks_xy`` (None: fitted here).  Returns (model, added) with
+    ``added`` a list of (x, y, chi2 gain, per-band significance (B,)) in box pixels; the
+    model is None when one peak was given and nothing was added (an isolated source)."""
+    from scipy.stats import chi2, norm
+
+    nb = data.shape[0]
+    fit = usable & region[None]
+    ivar = np.where(fit & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
+    nsig = float(cfg["residual_threshold_sigma"])
+    p_tail = float(norm.sf(nsig))
+    thr_pt, thr_fit, neg = float(chi2.isf(p_tail, nb)), float(chi2.isf(p_tail, nb + 2)), -3.0
+    fwhm = 2.0 * np.sqrt(2.0 * np.log(2.0)) * ref_sigma
+    min_sep = cfg["residual_min_sep_fwhm"] * fwhm
+    h, w = region.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    pxy, added, single = np.asarray(peaks_xy, int).copy(), [], len(peaks_xy) == 1
+    pk = np.asarray(peaks, np.int64) if peaks is not None else np.arange(len(pxy))
+    if res is None:
+        res = deblend_blend(data, usable, region, bgvar, kernels, pxy, ref_sigma, cfg, origin, footprint, pk, metadata)
+    for _ in range(int(cfg["residual_iterations"])):
+        if len(pxy) >= cfg["max_peaks"]:
+            break
+        resid = np.where(fit, data - res.model.sum(0), 0.0)
+        chi2_pix = resid * resid * ivar
+        gain, c, n = point_source_dchi2(resid, ivar, stamps)
+        d2 = ((xx[None] - pxy[:, 0, None, None]) ** 2 + (yy[None] - pxy[:, 1, None, None]) ** 2).min(0)
+        allowed = region & fit.any(0) & (d2 >= min_sep**2) & (gain > thr_pt)
+        allowed &= gain >= ndimage.maximum_filter(gain, size=3, mode="constant")
+        centres = np.column_stack([res.x - origin[0], res.y - origin[1]])
+        cand = None
+        for j in np.flatnonzero(allowed.ravel())[np.argsort(-gain[allowed], kind="stable")]:
+            cy, cx = divmod(int(j), w)
+            r2 = (xx - cx) ** 2 + (yy - cy) ** 2
+            ring = fit & ((r2 >= fwhm**2) & (r2 <= 9 * fwhm**2))[None]
+            scale = max(1.0, float(chi2_pix[ring].sum() / max(int(ring.sum()), 1)))
+            if gain[cy, cx] < scale * thr_pt:
+                break  # candidates come in decreasing gain
+            sig = np.where(n[:, cy, cx] > 0, c[:, cy, cx] / np.sqrt(np.maximum(n[:, cy, cx], 1e-300)), 0.0)
+            if sig.min() < neg:
+                continue
+            dom = int(np.argmax(res.model[:, :, cy, cx].sum(1)))
+            mx, my = (int(np.clip(np.rint(2 * centres[dom, 0] - cx), 0, w - 1)),
+                      int(np.clip(np.rint(2 * centres[dom, 1] - cy), 0, h - 1)))
+            nn = n[:, cy, cx] + n[:, my, mx]
+            anti = np.where(nn > 0, (c[:, cy, cx] - c[:, my, mx]) / np.sqrt(np.maximum(nn, 1e-300)), 0.0)
+            if (np.maximum(anti, 0.0) ** 2).sum() < scale * thr_pt:
+                continue
+            cand = (cx, cy, scale, sig)
+            break
+        if cand is None:
+            break
+        cx, cy, scale, sig = cand
+        new_xy = np.vstack([pxy, [[cx, cy]]])
+        new = deblend_blend(data, usable, region, bgvar, kernels, new_xy, ref_sigma, cfg, origin, footprint,
+                            np.r_[pk, next_peak + len(added)], metadata)
+        resid_new = np.where(fit, data - new.model.sum(0), 0.0)
+        drop = float(chi2_pix.sum()) - float((resid_new * resid_new * ivar).sum())
+        if drop < scale * thr_fit or not np.any(new.sed[-1] > 0):
+            break
+        res, pxy, pk = new, new_xy, np.r_[pk, next_peak + len(added)]
+        added.append((cx, cy, float(gain[cy, cx]), sig))
+    return (None if single and not added else res), added
+
+
 # ----------------------------------------------------------------------------- a patch
 def _grown_labels(labels: np.ndarray, grow: int) -> np.ndarray:
     """Footprint labels extended to the background pixels within ``grow`` px (nearest footprint wins)."""
@@ -412,7 +539,7 @@ def _grown_labels(labels: np.ndarray, grow: int) -> np.ndarray:
 
 
 def _kernels(psfs, xc: float, yc: float):
-    """Reference band (narrowest PSF), its sigma, and every band's difference kernel at (xc, yc)."""
+    """Reference band (narrowest PSF), its sigma, every band's difference kernel and unit-sum PSF stamp at (xc, yc)."""
     xc, yc = float(round(xc)), float(round(yc))
     sig = np.array([p.sigma_at(xc, yc) for p in psfs])
     ref = int(np.argmin(sig))
@@ -421,12 +548,36 @@ def _kernels(psfs, xc: float, yc: float):
     st = [a if a.shape[0] == size else p.image_at(xc, yc, size) for a, p in zip(st, psfs)]
     half = np.clip(np.ceil(3 * np.sqrt(np.maximum(sig**2 - sig[ref] ** 2, 0))) + 1, 1, st[ref].shape[0] // 2)
     return ref, float(sig[ref]), [np.ones((1, 1)) if b == ref else difference_kernel(st[ref], st[b], int(half[b]))
-                                  for b in range(len(psfs))]
+                                  for b in range(len(psfs))], [a / a.sum() for a in st]
 
 
 _INT_COLS = ("parent_index", "deblend_nChild", "footprint_index", "peak_index", "deblend_nPeaks", "deblend_nIter")
 _BOOL_COLS = ("deblend_skipped", "deblend_tooManyPeaks", "deblend_parentTooBig", "deblend_masked",
-              "deblend_failed", "deblend_zeroFlux", "deblend_converged", "centroid_flag")
+              "deblend_failed", "deblend_zeroFlux", "deblend_converged", "centroid_flag", "deblend_residualPeak")
+
+
+def _check_finite(res: BlendModel) -> None:
+    if not all(np.all(np.isfinite(a)) for a in (res.sed, res.conserved, res.x, res.y)):
+        raise FloatingPointError("non-finite deblend")
+
+
+def _with_peaks(merged: MergedDetections, new_peaks, threshold: float) -> MergedDetections:
+    """``merged`` with the residual peaks (footprint, x, y, chi2 gain, per-band significance)
+    appended (the merged peaks keep their indices).  Significance: sqrt(chi2 gain); a band
+    counts as detected where its own significance exceeds ``threshold``."""
+    if not new_peaks:
+        return merged
+    fp = merged.footprints
+    f, x, y, gain = (np.array([p[k] for p in new_peaks], dtype) for k, dtype in
+                     ((0, np.int64), (1, np.float64), (2, np.float64), (3, np.float64)))
+    bsig = np.array([p[4] for p in new_peaks], np.float64).reshape(len(new_peaks), len(merged.bands))
+    out = Footprints(labels=fp.labels, bbox=fp.bbox, area=fp.area, peak_footprint=np.r_[fp.peak_footprint, f],
+                     peak_x=np.r_[fp.peak_x, x], peak_y=np.r_[fp.peak_y, y],
+                     peak_significance=np.r_[fp.peak_significance, np.sqrt(gain)])
+    return MergedDetections(footprints=out, bands=merged.bands,
+                            peak_detected=np.vstack([merged.peak_detected, bsig >= threshold]),
+                            peak_band_significance=np.vstack([merged.peak_band_significance, bsig]),
+                            footprint_bands=merged.footprint_bands, match_radius_pix=merged.match_radius_pix)
 
 
 class _Bands:
@@ -462,7 +613,12 @@ def deblend_footprints(
     beyond which the parent is skipped (``deblend_parentTooBig``), ``max_masked_fraction``
     (of the footprint unusable in every band: skipped, ``deblend_masked``), ``grow_pix``
     (parent region = footprint + this margin, nearest footprint wins), ``psf_cell`` (the
-    PSFs and difference kernels are evaluated at the centre of psf_cell-pixel cells).
+    PSFs and difference kernels are evaluated at the centre of psf_cell-pixel cells),
+    ``residual_iterations``, ``residual_threshold_sigma``, ``residual_min_sep_fwhm`` (the
+    search for companions without a peak of their own in the fit's residuals,
+    :func:`_residual_search`; 0 iterations switches it off).  Peaks found in the residuals
+    are appended to ``DeblendResult.merged`` (measure on it) and their children flagged
+    ``deblend_residualPeak``.
     """
     cfg = {**DEFAULTS, **(config or {}), "method": METHOD, "bands": merged.bands}
     bands, fp, nb, grow = merged.bands, merged.footprints, len(merged.bands), int(cfg["grow_pix"])
@@ -477,6 +633,7 @@ def deblend_footprints(
         if good.any():
             bg_glob[b] = np.median(v[good & (grown == 0)] if (good & (grown == 0)).any() else v[good])
     rows, heavy, blends, kernel_cache = [], [], {}, {}
+    n_peaks, new_peaks = fp.n_peaks, []  # peaks found in the residuals are appended after the merged ones
     order = np.lexsort((-fp.peak_significance, fp.peak_footprint))  # peaks by footprint, brightest first
     starts = np.searchsorted(fp.peak_footprint[order], np.arange(fp.n_footprints + 1))
     for f in np.flatnonzero(np.diff(starts) > 0):
@@ -487,18 +644,20 @@ def deblend_footprints(
         region, inside = grown[y0:y1, x0:x1] == f + 1, fp.labels[y0:y1, x0:x1] == f + 1
         d, v, g = pix.box(y0, y1, x0, x1)
         base = dict(footprint_index=f, deblend_nPeaks=len(pk), deblend_nIter=0, deblend_converged=False,
+                    deblend_residualPeak=False,
                     deblend_chi2=np.nan, deblend_zeroFlux=False, deblend_failed=False, centroid_flag=False,
                     deblend_skipped=False, deblend_tooManyPeaks=len(pk) > cfg["max_peaks"],
                     deblend_parentTooBig=bool(fp.area[f] > cfg["max_footprint_area"]
                                               or len(kept) * nb * region.size > cfg["max_model_size"]),
                     deblend_masked=bool((~g.any(0) & inside).sum() > cfg["max_masked_fraction"] * inside.sum()))
-        res = None
-        if len(pk) > 1 and not (base["deblend_parentTooBig"] or base["deblend_masked"]):
+        res, added = None, []
+        search = cfg["residual_iterations"] > 0 and len(pk) < cfg["max_peaks"]
+        if (len(pk) > 1 or search) and not (base["deblend_parentTooBig"] or base["deblend_masked"]):
             cell = (int((x0 + x1) // (2 * cfg["psf_cell"])), int((y0 + y1) // (2 * cfg["psf_cell"])))
             if cell not in kernel_cache:  # PSF-difference kernels per psf_cell x psf_cell cell
                 kernel_cache[cell] = _kernels(psfs, min((cell[0] + 0.5) * cfg["psf_cell"], nx - 1),
                                               min((cell[1] + 0.5) * cfg["psf_cell"], ny - 1))
-            ref, ref_sigma, kern = kernel_cache[cell]
+            ref, ref_sigma, kern, stamps = kernel_cache[cell]
             bsky = g & (grown[y0:y1, x0:x1] == 0)[None]  # usable pixels outside every footprint
             bg = np.array([np.median(v[b][bsky[b]]) if bsky[b].sum() >= 100 else bg_glob[b] for b in range(nb)])
             pxy = np.column_stack([np.rint(fp.peak_x[kept]) - x0, np.rint(fp.peak_y[kept]) - y0]).astype(int)
@@ -506,11 +665,25 @@ def deblend_footprints(
                         kernel_sizes=[int(k.shape[0]) for k in kern], deblend_tooManyPeaks=base["deblend_tooManyPeaks"])
             try:
                 with np.errstate(all="ignore"):
-                    res = deblend_blend(d, g, region, bg, kern, pxy, ref_sigma, cfg, (x0, y0), f, kept, meta)
-                if not all(np.all(np.isfinite(a)) for a in (res.sed, res.conserved, res.x, res.y)):
-                    raise FloatingPointError("non-finite deblend")
+                    if len(pk) > 1:
+                        res = deblend_blend(d, g, region, bg, kern, pxy, ref_sigma, cfg, (x0, y0), f, kept, meta)
+                        _check_finite(res)
+                    if search:
+                        try:
+                            srch, added = _residual_search(d, v, g, region, bg, kern, stamps, pxy, ref_sigma, cfg,
+                                                           (x0, y0), f, kept, meta, res, n_peaks + len(new_peaks))
+                            if srch is not None:
+                                _check_finite(srch)
+                        except (FloatingPointError, np.linalg.LinAlgError, ValueError, RuntimeError):
+                            srch, added = res, []  # the search failed: keep the fit of the detected peaks
+                        res = srch
             except (FloatingPointError, np.linalg.LinAlgError, ValueError, RuntimeError):
-                res, base["deblend_failed"] = None, True
+                res, base["deblend_failed"], added = None, True, []
+            for ax, ay, gain, bsig in added:
+                new_peaks.append((f, ax + x0, ay + y0, gain, bsig))
+            if added:
+                kept = np.r_[kept, n_peaks + len(new_peaks) - len(added) + np.arange(len(added))]
+                base["deblend_nPeaks"] = len(pk) + len(added)
         if res is None:  # isolated, or skipped parent: the footprint's own pixels
             img = d * region
             rows.append(dict(base, parent_index=-1, deblend_nChild=0, peak_index=int(pk[0]) if len(pk) == 1 else -1,
@@ -526,10 +699,12 @@ def deblend_footprints(
         heavy.append(HeavyFootprint(x0, y0, region, res.conserved.sum(0)))
         for j, p in enumerate(kept):
             rows.append(dict(base, parent_index=prow, deblend_nChild=0, peak_index=int(p), flux=flux[j],
+                             deblend_residualPeak=bool(p >= n_peaks),
                              deblend_zeroFlux=not bool(np.any(res.sed[j] > 0)), model_flux=mflux[j],
                              x=res.x[j], y=res.y[j], peak=p, centroid_flag=bool(res.centroid_flag[j])))
             heavy.append(HeavyFootprint(x0, y0, region, res.conserved[j]))
-    return DeblendResult(bands, _catalog(rows, merged, pix, bg_glob, psfs), tuple(heavy), blends, cfg)
+    out = _with_peaks(merged, new_peaks, float(cfg["residual_threshold_sigma"]))
+    return DeblendResult(bands, _catalog(rows, out, pix, bg_glob, psfs), tuple(heavy), blends, cfg, out)
 
 
 def _catalog(rows, merged, pix: _Bands, bgvar, psfs) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.spatial import cKDTree
 
 from . import masks
+from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_fraction
 from .footprints import Footprints
 
 
@@ -40,6 +41,12 @@ DEFAULT_APERTURE_RADII = (3, 6, 9, 12, 17, 25, 35, 50, 70)
 _ISOLATED, _PARENT, _CHILD = 0, 1, 2
 _MAX_LOST_WEIGHT = 0.2  # psfFlux_flag when more of sum(p^2) than this is unusable/off-image
 _MAX_HALF = 48  # largest half-size (pixels) of the adaptive-moments window
+_FWHM_PER_SIGMA = 2.3548200450309493
+#: a neighbour's model is extended beyond its stamp by the Kolmogorov wing out to where the wing falls
+#: below this fraction of the background rms per pixel (a wing at this level biases a faint star's
+#: psfFlux by ~0.001 sqrt(N_eff) ~ 0.01 sigma), and at most _MAX_WING_HALF pixels
+_WING_FLOOR = 1e-3
+_MAX_WING_HALF = 128
 
 
 def aperture_column(radius: float) -> str:
@@ -283,6 +290,9 @@ def measure_sources(
     extendedness_nsigma: float = 4.0,
     size_threshold: float = 0.05,
     size_nsigma: float = 4.0,
+    subtract_neighbours: bool = False,
+    neighbour_wings: bool = True,
+    diffraction: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, np.ndarray]:
     """Measure every peak of ``footprints`` on a background-subtracted image.
 
@@ -294,6 +304,16 @@ def measure_sources(
     Gaussian flux) > ``extendedness_threshold + extendedness_nsigma * error``;
     ``sizeExtendedness`` likewise for the weighted second moment.  Returns a dict of
     1-d arrays (columns listed in docs/algorithms-measurement.md).
+
+    ``subtract_neighbours``: after the first PSF fit, every source is measured again (centroid, psfFlux,
+    apertures, moments, Gaussian flux) on the image minus the PSF models of all OTHER sources scaled by
+    their first-pass psfFlux (DAOPHOT/ALLSTAR-like, one iteration); sources with a saturated centre, a
+    flagged or non-positive fit are not subtracted, and their neighbours within two stamp half-widths get
+    ``psfFlux_flag_unmodelledNeighbour``.  ``neighbour_wings``: the neighbours' models go on beyond the
+    PSF stamp with the Kolmogorov ``r^-11/3`` wing (:func:`~lsst_prod.algorithms.apcorr.extended_psf_image`'s
+    normalisation; ``diffraction`` = (lambda/D in pixels, obscuration) adds the Airy wing) while it is above
+    ``_WING_FLOOR`` of the background rms.  Without ``subtract_neighbours`` (the default) only the other
+    children of a source's own blend are subtracted (their positive amplitudes), as before.
     """
     ny, nx = image.shape
     img = np.where(np.isfinite(image), image, 0.0).astype(np.float64)
@@ -331,10 +351,13 @@ def measure_sources(
     hc = int(np.clip(math.ceil(4.0 * sigma.max()) + 2, 5, 30)) if n else 5
     x_err, y_err, centroid_flag = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool)
 
-    def centroid(rows: np.ndarray, stamps: np.ndarray) -> None:
+    def centroid(rows: np.ndarray, stamps: np.ndarray, keep_bad: bool = False) -> None:
         ix, iy = np.rint(x[rows]).astype(int), np.rint(y[rows]).astype(int)
         g, v = _gather(usable, ix, iy, hc)[0], _gather(var, ix, iy, hc)[0]
         cx, cy, ex, ey, bad = _centroid(stamps, g, v, sigma[rows], x[rows] - ix, y[rows] - iy)
+        if keep_bad:  # a second pass: keep the first-pass centroid (and its error) where this one fails
+            rows, ix, iy, cx, cy, ex, ey = (a[~bad] for a in (rows, ix, iy, cx, cy, ex, ey))
+            bad = bad[~bad]
         x[rows], y[rows] = np.where(bad, x[rows], ix + cx), np.where(bad, y[rows], iy + cy)
         x_err[rows], y_err[rows], centroid_flag[rows] = np.where(bad, np.nan, ex), np.where(bad, np.nan, ey), bad
 
@@ -357,11 +380,16 @@ def measure_sources(
     local: dict[int, tuple[int, int, np.ndarray]] = {}  # parent row -> (x0, y0, model of its children)
     blend_cov: dict[int, np.ndarray] = {}
 
-    def fit_psf(rows: np.ndarray) -> None:
+    def fit_psf(rows: np.ndarray, src: np.ndarray = img, own: bool = False) -> None:
+        """PSF fluxes of ``rows`` (and of every blend) on ``src``; ``own``: src is the image minus the
+        neighbour model, to which each source's own model (or its blend's) is added back."""
         pix[rows], piy[rows] = np.rint(x[rows]).astype(int), np.rint(y[rows]).astype(int)
         for r in rows:
             pstamps[r] = psf.image_at(float(x[r]), float(y[r]), size)
-        d, v, g = (_gather(a, pix[rows], piy[rows], c)[0] for a in (img, var, usable))
+        d, v, g = (_gather(a, pix[rows], piy[rows], c)[0] for a in (src, var, usable))
+        if own:
+            for j, r in enumerate(rows):
+                add_own(d[j], int(r), int(pix[r]) - c, int(piy[r]) - c)
         bw = bgvar[rows, None, None] if bgvar_img is None else _gather(bgvar_img, pix[rows], piy[rows], c, 1.0)[0]
         wp = np.where(g, pstamps[rows] / bw, 0.0)
         den = (wp * pstamps[rows]).sum((1, 2))
@@ -369,7 +397,13 @@ def measure_sources(
             psf_flux[rows], psf_err[rows] = (wp * d).sum((1, 2)) / den, np.sqrt((wp * wp * v).sum((1, 2))) / den
         for prow, kids in blends.items():
             bv = float(np.mean(bgvar[kids])) if bgvar_img is None else bgvar_img
-            amp, cov, (x0, y0), design = _fit_blend(img, var, usable, bv, pstamps[kids], pix[kids], piy[kids])
+            # the blend's own children's stamps back in; the rest (and the children's wings beyond their
+            # stamps, which the design does not hold) stays subtracted
+            for k in kids if own else ():
+                add_own(src, int(k), 0, 0, wing=False)
+            amp, cov, (x0, y0), design = _fit_blend(src, var, usable, bv, pstamps[kids], pix[kids], piy[kids])
+            for k in kids if own else ():
+                add_own(src, int(k), 0, 0, -1.0, wing=False)
             psf_flux[kids], psf_err[kids], blend_cov[prow] = amp, np.sqrt(np.maximum(np.diag(cov), 0.0)), cov
             local[prow] = (x0, y0, np.tensordot(np.maximum(amp, 0.0), design, axes=1))
 
@@ -386,6 +420,61 @@ def measure_sources(
             deblend(r, stamps[j], pix[r] - hc, piy[r] - hc)
         centroid(kids_all, stamps)
         fit_psf(kids_all)
+
+    # --- neighbour subtraction: measure again on image - sum of the OTHER sources' models ----------
+    fit_ok = np.isfinite(psf_flux) & np.isfinite(psf_err) & (psf_flux > 0)
+    sat_centre = (np.bitwise_or.reduce(_gather(mask, pix, piy, 1)[0].reshape(n, 9), axis=1) & masks.SAT) != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lost1 = 1.0 - (pstamps**2 * _gather(usable, pix, piy, c)[0]).sum((1, 2)) / (pstamps**2).sum((1, 2))
+    in_model = fitted & fit_ok & (lost1 <= _MAX_LOST_WEIGHT) & ~sat_centre  # a saturated core's fit is not trusted
+    if not subtract_neighbours:
+        in_model[:] = False  # below: the old per-blend deblending (local models) only
+    m_amp, m_pix, m_piy, m_stamp = np.where(in_model, psf_flux, 0.0), pix.copy(), piy.copy(), pstamps.copy()
+    wings: dict[int, tuple[int, np.ndarray]] = {}  # row -> (half-size, unit wing stamp, zero on the model stamp)
+    if subtract_neighbours and neighbour_wings and in_model.any():
+        mc = psf_moments(np.array([nx / 2.0]), np.array([ny / 2.0]))[0]
+        fwhm_c = _FWHM_PER_SIGMA * max(mc[0] * mc[1] - mc[2] ** 2, 1e-12) ** 0.25
+        r0, idx = c + 0.5, KOLMOGOROV_WING_INDEX
+        t0 = kolmogorov_wing_fraction(round(float(fwhm_c), 3), round(r0, 3), *diffraction)
+        a_w = t0 * (idx - 2.0) / (2.0 * math.pi * r0 ** (2.0 - idx))  # as apcorr.extended_psf_image
+        if np.isfinite(a_w) and a_w > 0:
+            with np.errstate(divide="ignore"):
+                reach = (m_amp * a_w / (_WING_FLOOR * np.sqrt(bgvar))) ** (1.0 / idx)
+            for r in np.flatnonzero(in_model & (reach > c + 1)):
+                h = int(min(math.ceil(reach[r]), _MAX_WING_HALF))
+                off = np.arange(-h, h + 1, dtype=np.float64)
+                rr = np.hypot(off[None, :] - (x[r] - m_pix[r]), off[:, None] - (y[r] - m_piy[r]))
+                w = a_w * np.maximum(rr, 1.0) ** (-idx)
+                w[h - c : h + c + 1, h - c : h + c + 1] = 0.0
+                wings[int(r)] = (h, w)
+
+    def add_own(dst: np.ndarray, r: int, x0: int, y0: int, sign: float = 1.0, wing: bool = True) -> None:
+        """Add ``sign`` x the model that was subtracted for source ``r`` into ``dst`` (origin x0, y0);
+        ``wing=False``: its stamp part only."""
+        if m_amp[r] > 0:
+            _add_stamp(dst, m_stamp[r], int(m_pix[r]) - c - x0, int(m_piy[r]) - c - y0, sign * m_amp[r])
+            if wing and r in wings:
+                h, w = wings[r]
+                _add_stamp(dst, w, int(m_pix[r]) - h - x0, int(m_piy[r]) - h - y0, sign * m_amp[r])
+
+    model = np.zeros_like(img)
+    for r in np.flatnonzero(in_model):
+        add_own(model, int(r), 0, 0)
+    resid = img - model
+    if subtract_neighbours and in_model.any():  # pass 3: centroids and PSF fluxes on image - neighbours
+        rows = np.flatnonzero(fitted & (lost_w <= 0.01) & ~centroid_flag)  # PSF-fit centroids stay as they are
+        ixr, iyr = np.rint(x[rows]).astype(int), np.rint(y[rows]).astype(int)
+        stamps = _gather(resid, ixr, iyr, hc)[0]
+        for j, r in enumerate(rows):
+            add_own(stamps[j], int(r), int(ixr[j]) - hc, int(iyr[j]) - hc)
+        centroid(rows, stamps, keep_bad=True)
+        fit_psf(np.flatnonzero(fitted), resid, own=True)
+    bad_nb = fitted & ~in_model & (sat_centre | (fit_ok & (lost1 > _MAX_LOST_WEIGHT)))
+    unmodelled = np.zeros(n, bool)
+    if subtract_neighbours and bad_nb.any() and n > 1:
+        tree, pts = cKDTree(np.column_stack([x[bad_nb], y[bad_nb]])), np.column_stack([x, y])
+        cnt = np.array([len(h) for h in tree.query_ball_point(pts, 2.0 * c)])
+        unmodelled = fitted & (cnt - bad_nb.astype(int) > 0)
     ixf, iyf = np.rint(x).astype(int), np.rint(y).astype(int)
     g_st, in_st = _gather(usable, pix, piy, c)
     p2 = (pstamps**2).sum((1, 2))
@@ -402,15 +491,34 @@ def measure_sources(
     out: dict[str, np.ndarray] = {}
     radii = np.array(sorted({float(r) for r in aperture_radii} | {float(calib_radius)}))
     jc = int(np.argmin(np.abs(radii - calib_radius)))
-    neighbours, blendedness = np.zeros((n, len(radii))), np.zeros(n)  # neighbours' model flux per aperture
-    for r in kids_all:
+    blendedness = np.zeros(n)
+    # neighbours' model flux per aperture: the model image's aperture minus the source's own part of it
+    neighbours = np.stack([sep.sum_circle(model, x, y, rad, subpix=0)[0] for rad in radii], axis=1) if n else \
+        np.zeros((0, len(radii)))
+    ones = np.ones(len(radii))
+
+    def own_aperture(r: int, xc: float, yc: float) -> np.ndarray:
+        """Apertures (all radii) centred on (xc, yc) of the model subtracted for source ``r``."""
+        cx, cy = (c + xc - m_pix[r]) * ones, (c + yc - m_piy[r]) * ones
+        own = sep.sum_circle(m_stamp[r], cx, cy, radii, subpix=0)[0]
+        if r in wings:
+            h, w = wings[r]
+            own = own + sep.sum_circle(w, cx - c + h, cy - c + h, radii, subpix=0)[0]
+        return m_amp[r] * own
+
+    for r in np.flatnonzero(m_amp > 0):
+        neighbours[r] -= own_aperture(int(r), x[r], y[r])
+    for prow, kids in blends.items():  # a parent's own light is its children's
+        for k in kids[m_amp[kids] > 0]:
+            neighbours[prow] -= own_aperture(int(k), x[prow], y[prow])
+    for r in kids_all:  # blendedness (and, without subtract_neighbours, the siblings' aperture light)
         lx, ly, mod = local[int(parent_index[r])]
-        ones = np.ones(len(radii))
         tot = sep.sum_circle(mod, (x[r] - lx) * ones, (y[r] - ly) * ones, radii, subpix=0)[0]
         cx, cy = (c + x[r] - pix[r]) * ones, (c + y[r] - piy[r]) * ones
-        own = max(psf_flux[r], 0.0) * sep.sum_circle(pstamps[r], cx, cy, radii, subpix=0)[0]
-        neighbours[r] = tot - own
-        blendedness[r] = min(max(1.0 - own[jc] / tot[jc], 0.0), 1.0) if tot[jc] > 0 else 0.0
+        own1 = max(psf_flux[r], 0.0) * sep.sum_circle(pstamps[r], cx, cy, radii, subpix=0)[0]
+        if not subtract_neighbours:
+            neighbours[r] = tot - own1
+        blendedness[r] = min(max(1.0 - own1[jc] / tot[jc], 0.0), 1.0) if tot[jc] > 0 else 0.0
     dist_bad = _distance_to_unusable(unusable, x, y)
     for j, rad in enumerate(radii):
         flux, ferr, fl = sep.sum_circle(img, x, y, rad, var=var, subpix=0)
@@ -434,8 +542,10 @@ def measure_sources(
         for _ in range(4):  # grow the window until it holds 4 adaptive sigmas
             wy = slice(max(iyf[i] - half, 0), min(iyf[i] + half + 1, ny))
             wx = slice(max(ixf[i] - half, 0), min(ixf[i] + half + 1, nx))
-            d, g, v = img[wy, wx].copy(), usable[wy, wx], var[wy, wx]
-            if is_child[i]:
+            d, g, v = resid[wy, wx].copy(), usable[wy, wx], var[wy, wx]
+            for k in blends[i] if is_parent[i] else (i,):  # the source's own model (a parent's: its children's)
+                add_own(d, int(k), wx.start, wy.start)
+            if is_child[i] and not subtract_neighbours:
                 deblend(i, d, wx.start, wy.start)
             res = _hsm_moments(d, g, wx.start, wy.start, x[i], y[i], float(sigma[i]))
             need = math.ceil(4.0 * math.sqrt(max(res[0], res[1]))) if res is not None else 0
@@ -472,6 +582,7 @@ def measure_sources(
         ixx=mom[:, 0], iyy=mom[:, 1], ixy=mom[:, 2], shape_flag=shape_flag,
         ixxPSF=psf_mom[:, 0], iyyPSF=psf_mom[:, 1], ixyPSF=psf_mom[:, 2],
         psfFlux=psf_flux, psfFluxErr=psf_err, psfFlux_flag=psf_flag, psfFlux_flag_edge=psf_edge,
+        psfFlux_flag_unmodelledNeighbour=unmodelled,
         psfFlux_area=psf_area, gaussianFlux=g_flux, gaussianFluxErr=g_err, gaussianFlux_flag=g_flag,
         sky=sky, skyErr=sky_err, sky_flag=sky_flag, extendedness=ext, sizeExtendedness=size_ext,
         footprintArea_value=footprints.area[fp_of].astype(np.int64),

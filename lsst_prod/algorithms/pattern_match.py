@@ -220,6 +220,7 @@ def verify_transform(
     n_sources: int | None = None,
     ref_tree: cKDTree | None = None,
     n_refine: int = 3,
+    n_levels: int = 3,
 ) -> Verification:
     """Count matches under ``transform`` (refined on them) and test them against chance.
 
@@ -230,21 +231,29 @@ def verify_transform(
     The test is made at ``tolerance`` (which must hold the distortion left by a
     similarity) and, once the similarity is refined on those matches, again at
     ``fine_tolerance`` (default tolerance / 3), where chance matches are 9 times
-    rarer; the better of the two is kept, its false-alarm probability doubled
-    for the two tests.  With five or six true matches only the fine test
-    can reach 1e-6.
+    rarer, then (``n_levels`` = 3) at a third of that, refined again: each level
+    is a separate test, so the best false-alarm probability is multiplied by the
+    number of levels tested (Bonferroni).  With five or six true matches only the
+    fine test can reach 1e-6; with four (a sparse field: 4-6 reference stars over
+    a detector) only the finest, where the count of k matches has a chance
+    probability ~ (density pi tol^2)^k against ~tol^-4 more hypotheses: a match
+    whose residuals are far below the tolerance is far more significant.
     """
     tree = ref_tree if ref_tree is not None else cKDTree(np.column_stack([rx, ry]))
     coarse = _count(transform, sx, sy, rx, ry, footprint, tree, tolerance, search.n_hypotheses(tolerance),
                     n_sources, n_refine)  # fmt: skip
-    best = coarse
+    best, level, n_tests = coarse, coarse, 1
     fine_tol = tolerance / 3.0 if fine_tolerance is None else fine_tolerance
-    if 0 < fine_tol < tolerance and coarse.n_matched >= 3:
-        fine = _count(coarse.transform, sx, sy, rx, ry, footprint, tree, fine_tol, search.n_hypotheses(fine_tol),
-                      n_sources, 2)  # fmt: skip
-        if fine.log10_false_alarm < coarse.log10_false_alarm:
-            best = fine
-    log10_fa = best.log10_false_alarm + (np.log10(2.0) if best.log10_false_alarm > -300 else 0.0)
+    for _ in range(max(0, n_levels - 1)):
+        if not (0 < fine_tol < level.tolerance and level.n_matched >= 3):
+            break
+        level = _count(level.transform, sx, sy, rx, ry, footprint, tree, fine_tol, search.n_hypotheses(fine_tol),
+                       n_sources, 2)  # fmt: skip
+        n_tests += 1
+        if level.log10_false_alarm < best.log10_false_alarm:
+            best = level
+        fine_tol = fine_tol / 3.0
+    log10_fa = best.log10_false_alarm + (np.log10(n_tests) if best.log10_false_alarm > -300 else 0.0)
     accepted = bool(best.n_matched >= min_matches and log10_fa < np.log10(max_false_alarm))
     return replace(best, log10_false_alarm=float(log10_fa), accepted=accepted)
 

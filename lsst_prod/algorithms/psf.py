@@ -14,6 +14,12 @@ normalisation is refined by a PSF-fit amplitude and stars whose reduced chi^2
 is an outlier (median + ``clip`` x 1.4826 MAD, binaries, galaxies, unflagged
 cosmic rays) are rejected.
 
+Few stars (:func:`fit_psf` with ``fallback=True``): the spatial order is lowered as the star count
+falls (down to a constant pixel model); below ``min_stars`` for even a constant empirical model, an
+elliptical Moffat profile (FWHM, beta, shear g1/g2: four numbers that a single star constrains) is
+fitted to the stars' recentred stamps (:func:`fit_moffat_psf`) and stored as a constant pixel model
+flagged ``fallback`` (FITS ``FALLBACK = T``).  Only when no star at all is usable is it an error.
+
 Evaluation (:meth:`PsfModel.image_at`): polynomial sum, FFT shift to the
 sub-pixel phase of ``(x, y)``, crop, unit sum.  Sizes come from Gaussian-weighted
 *adaptive* second moments (Bernstein & Jarvis 2002; the same estimator as
@@ -265,6 +271,95 @@ def select_psf_candidates(
     )
 
 
+# --------------------------------------------------------------------------- parametric fallback
+#: Moffat beta search range: 1.5 (very broad wings) to 10 (nearly Gaussian); a Kolmogorov core is ~4.8
+#: (Trujillo et al. 2001), instrumental PSFs 2.5-4.
+MOFFAT_BETA_RANGE = (1.5, 10.0)
+_MOFFAT_OVERSAMPLE = 5
+
+
+def moffat_image(size: int, fwhm: float, beta: float, g1: float = 0.0, g2: float = 0.0,
+                 dx: float = 0.0, dy: float = 0.0, oversample: int = _MOFFAT_OVERSAMPLE) -> np.ndarray:
+    """Unit-sum (size, size) pixel-integrated elliptical Moffat centred at stamp pixel (c + dx, c + dy),
+    c = size // 2.
+
+    ``I(r) ~ (1 + r^2 / alpha^2)^-beta`` with ``alpha = fwhm / (2 sqrt(2^(1/beta) - 1))`` (``fwhm`` of the
+    round profile), sheared by the area-preserving (g1, g2) of GalSim's convention; pixel integration
+    by ``oversample`` x ``oversample`` sub-pixel sampling.
+    """
+    alpha = float(fwhm) / (2.0 * math.sqrt(2.0 ** (1.0 / float(beta)) - 1.0))
+    c = size // 2
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    grid = (np.arange(size)[:, None] + sub[None, :]).ravel() - c
+    xx, yy = grid[None, :] - dx, grid[:, None] - dy
+    gsq = min(g1 * g1 + g2 * g2, 0.81)
+    norm = 1.0 / math.sqrt(1.0 - gsq)
+    # inverse of the shear matrix (1 / sqrt(1 - g^2)) [[1 + g1, g2], [g2, 1 - g1]]
+    u = norm * ((1.0 - g1) * xx - g2 * yy)
+    v = norm * (-g2 * xx + (1.0 + g1) * yy)
+    img = (1.0 + (u * u + v * v) / (alpha * alpha)) ** (-float(beta))
+    img = img.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+    return img / img.sum()
+
+
+def fit_moffat_psf(data: np.ndarray, sigma: np.ndarray, clip: float = 3.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Fit one elliptical Moffat (FWHM, beta, g1, g2) to stars' centred stamps.
+
+    ``data`` (n, S, S): stamps recentred on their centroids (stamp pixel S // 2), any normalisation;
+    ``sigma`` (n, S, S) their per-pixel errors (``inf`` = no weight).  Each star has its own free
+    amplitude (solved linearly); the four shape parameters are common.  The start is the adaptive
+    moments of the stamps' sum (Gaussian FWHM, beta 3.5).  With >= 3 stars, a star whose reduced
+    chi^2 exceeds ``clip`` x the median (a binary, a galaxy, an unflagged cosmic ray) is dropped
+    and the fit repeated once.
+
+    Returns (params [fwhm, beta, g1, g2], median reduced chi^2 of the used stars, per-star amplitudes,
+    used mask).
+    """
+    from scipy.optimize import least_squares
+
+    data = np.asarray(data, np.float64)
+    n, size, _ = data.shape
+    w = np.where(np.isfinite(sigma) & (sigma > 0), 1.0 / np.where(np.isfinite(sigma) & (sigma > 0), sigma, 1.0), 0.0)
+    mom = adaptive_moments(np.sum(np.where(w > 0, data, 0.0), axis=0)[None], sigma0=2.0)
+    ixx, iyy, ixy = float(mom["ixx"][0]), float(mom["iyy"][0]), float(mom["ixy"][0])
+    if mom["ok"][0] and ixx > 0 and iyy > 0:
+        fwhm0 = FWHM_PER_SIGMA * max(ixx * iyy - ixy * ixy, 1e-6) ** 0.25
+        e1, e2 = (ixx - iyy) / (ixx + iyy), 2.0 * ixy / (ixx + iyy)
+        e = math.hypot(e1, e2)
+        gfac = 1.0 / (1.0 + math.sqrt(max(1.0 - e * e, 1e-6)))  # e = 2 g / (1 + g^2) -> g
+        g10, g20 = e1 * gfac, e2 * gfac
+    else:
+        fwhm0, g10, g20 = size / 7.0, 0.0, 0.0
+    lo_b, hi_b = MOFFAT_BETA_RANGE
+    used = np.ones(n, bool)
+
+    def amplitudes(model, sel):
+        wm = w[sel] * model[None]
+        return (wm * w[sel] * data[sel]).sum(axis=(1, 2)) / np.maximum((wm * wm).sum(axis=(1, 2)), 1e-300)
+
+    def resid(p, sel):
+        model = moffat_image(size, math.exp(p[0]), p[1], p[2], p[3])
+        amp = amplitudes(model, sel)
+        return (w[sel] * (data[sel] - amp[:, None, None] * model[None])).ravel()
+
+    p0 = np.array([math.log(max(fwhm0, 1.0)), 3.5, float(np.clip(g10, -0.5, 0.5)), float(np.clip(g20, -0.5, 0.5))])
+    bounds = ([math.log(0.5), lo_b, -0.8, -0.8], [math.log(float(size)), hi_b, 0.8, 0.8])
+    for attempt in range(2):
+        sol = least_squares(resid, p0, bounds=bounds, args=(used,), x_scale=[0.05, 0.5, 0.02, 0.02])
+        model = moffat_image(size, math.exp(sol.x[0]), sol.x[1], sol.x[2], sol.x[3])
+        amp = amplitudes(model, np.ones(n, bool))
+        npix = np.maximum((w > 0).reshape(n, -1).sum(axis=1), 1)
+        chi2 = ((w * (data - amp[:, None, None] * model[None])) ** 2).reshape(n, -1).sum(axis=1) / npix
+        if attempt or used.sum() < 3:
+            break
+        new = used & (chi2 <= clip * np.median(chi2[used]))
+        if new.sum() == used.sum() or new.sum() < 1:
+            break
+        used, p0 = new, sol.x
+    params = np.array([math.exp(sol.x[0]), sol.x[1], sol.x[2], sol.x[3]])
+    return params, float(np.median(chi2[used])), amp, used
+
+
 # --------------------------------------------------------------------------- model
 def _poly_terms(order: int) -> list[tuple[int, int]]:
     return [(i, d - i) for d in range(order + 1) for i in range(d, -1, -1)]
@@ -299,6 +394,14 @@ class PsfModel:
     n_rejected: int
     residual_rms: float
     chi2: float
+    #: "" for the empirical pixel model; "moffat" for the parametric fallback fitted to too few stars
+    fallback: str = ""
+    #: the fallback's parameters: fwhm (pixels), beta, g1, g2
+    fallback_params: tuple[float, ...] = ()
+
+    @property
+    def is_fallback(self) -> bool:
+        return bool(self.fallback)
 
     @property
     def stamp_size(self) -> int:
@@ -354,7 +457,12 @@ class PsfModel:
             "NSTARS": int(self.n_stars), "NREJECT": int(self.n_rejected),
             "RESIDRMS": float(self.residual_rms), "PSFCHI2": float(self.chi2),
             "POLYTERM": " ".join(f"{i}{j}" for i, j in _poly_terms(self.spatial_order)),
+            "FALLBACK": bool(self.fallback),
         }
+        if self.fallback:
+            hdr["PARMODEL"] = self.fallback.upper()
+            for key, val in zip(("PARFWHM", "PARBETA", "PARG1", "PARG2"), self.fallback_params):
+                hdr[key] = float(val)
         return np.array(self.coeffs, dtype=np.float64, copy=True), hdr
 
     @classmethod
@@ -366,10 +474,14 @@ class PsfModel:
         coeffs = np.array(array, dtype=np.float64)
         if coeffs.shape != (len(_poly_terms(order)), int(header["STAMPSZ"]), int(header["STAMPSZ"])):
             raise ValueError(f"PSF array shape {coeffs.shape} inconsistent with the header")
+        fallback = str(header["PARMODEL"]).strip().lower() if bool(header.get("FALLBACK", False)) else ""
+        params = tuple(float(header[k]) for k in ("PARFWHM", "PARBETA", "PARG1", "PARG2") if k in header) \
+            if fallback else ()
         return cls(
             coeffs=coeffs, spatial_order=order, detector_shape=(int(header["DET_NY"]), int(header["DET_NX"])),
             n_stars=int(header["NSTARS"]), n_rejected=int(header["NREJECT"]),
             residual_rms=float(header["RESIDRMS"]), chi2=float(header["PSFCHI2"]),
+            fallback=fallback, fallback_params=params,
         )
 
 
@@ -377,7 +489,7 @@ def fit_psf(
     image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
     detector_shape: tuple[int, int], stamp_size: int = 25, spatial_order: int = 2, oversampling: int = 1,
     min_stars: int | None = None, clip: float = 4.0, n_iter: int = 3, labels: np.ndarray | None = None,
-    min_stars_per_term: float = 0.0,
+    min_stars_per_term: float = 0.0, fallback: bool = False,
 ) -> PsfModel:
     """Fit a :class:`PsfModel` to stars near (x, y) (pixels) of a background-subtracted image.
 
@@ -392,6 +504,10 @@ def fit_psf(
     fewer usable stars than this many per polynomial term remain (each term of the model is a whole
     stamp of pixels: a quadratic fitted to 28 stars at 1.1" made 3 % spatially coherent PSF-flux
     errors on the tiny test survey; 8 per term, the stages' default, removed them).
+    ``fallback``: with fewer than ``min_stars`` usable stars (before or after the outlier clip), fit the
+    parametric Moffat of :func:`fit_moffat_psf` to the (one or more) usable stars instead of raising;
+    the model returned is constant, ``fallback == "moffat"``.  An AlgorithmError remains when no star is
+    usable at all.
     """
     if stamp_size % 2 != 1 or stamp_size < 5:
         raise ValueError(f"stamp_size must be odd and >= 5, got {stamp_size}")
@@ -419,8 +535,9 @@ def fit_psf(
     ix, iy = ix[ok], iy[ok]
     ok = np.all((_cutouts(mask, ix, iy, core + _PAD) & np.uint32(masks.UNUSABLE | masks.NO_DATA)) == 0, axis=(1, 2))
     ix, iy = ix[ok], iy[ok]
-    if len(ix) < min_stars:
-        raise AlgorithmError(f"only {len(ix)} PSF candidates", n_candidates=int(len(ix)), n_required=min_stars)
+    if len(ix) < (1 if fallback else min_stars):
+        raise AlgorithmError(f"only {len(ix)} PSF candidates" + (": no star constrains the PSF width" if fallback else ""),
+                             n_candidates=int(len(ix)), n_required=1 if fallback else min_stars)
     mom = adaptive_moments(_cutouts(image, ix, iy, core), tol=1e-6)
     ok = mom["ok"]
     ix, iy, fx, fy = ix[ok], iy[ok], mom["x"][ok] - core, mom["y"][ok] - core  # centroid - centre pixel
@@ -454,10 +571,14 @@ def fit_psf(
     data, var, flux, ix, iy, fx, fy = data[ok], var[ok], flux[ok], ix[ok], iy[ok], fx[ok], fy[ok]
     n_keep = np.maximum(keep[ok].reshape(int(ok.sum()), -1).sum(axis=1), 1)
     n0 = len(ix)
+    ny, nx = detector_shape
+    if fallback and n0 < min_stars:
+        if n0 == 0:
+            raise AlgorithmError("no usable PSF star: none constrains the PSF width", n_stars=0, n_required=1)
+        return _moffat_fallback(data, var, flux, n0, (ny, nx), n_rejected=0)
     while spatial_order > 0 and n0 < min_stars_per_term * len(_poly_terms(spatial_order)):
         spatial_order -= 1
     n_terms = len(_poly_terms(spatial_order))
-    ny, nx = detector_shape
     a = _basis(*_uv(ix - bhalf + fx, iy - bhalf + fy, (ny, nx)), spatial_order)
     aa = (a[:, :, None] * a[:, None, :]).reshape(n0, n_terms * n_terms)
     use = np.ones(n0, dtype=bool)
@@ -483,6 +604,8 @@ def fit_psf(
             mad = 1.4826 * np.median(np.abs(chi2[use] - med))
             use &= chi2 < med + clip * max(mad, 0.05 * med)
     n_used = int(use.sum())
+    if n_used < min_stars and fallback:
+        return _moffat_fallback(data[use], var[use], flux[use], n_used, (ny, nx), n_rejected=n0 - n_used)
     if n_used < min_stars:
         raise AlgorithmError(f"only {n_used} usable PSF stars", n_stars=n_used, n_required=min_stars)
     coeffs = coef.T.reshape(n_terms, stamp_size, stamp_size)
@@ -492,4 +615,23 @@ def fit_psf(
         coeffs=coeffs, spatial_order=int(spatial_order), detector_shape=(int(ny), int(nx)),
         n_stars=n_used, n_rejected=int(n0 - n_used),
         residual_rms=float(np.sqrt(np.mean(resid[valid] ** 2))), chi2=float(np.median(chi2[use])),
+    )
+
+
+def _moffat_fallback(data: np.ndarray, var: np.ndarray, flux: np.ndarray, n_in: int, detector_shape: tuple[int, int],
+                     n_rejected: int) -> PsfModel:
+    """The parametric fallback of :func:`fit_psf`: a constant Moffat fitted to recentred stamps."""
+    norm = flux[:, None, None]
+    sigma = np.sqrt(var) / norm  # inf where a pixel has no weight
+    params, chi2, amp, used = fit_moffat_psf(data / norm, sigma)
+    size = data.shape[-1]
+    model = moffat_image(size, *params)
+    d = data[used] / norm[used]
+    valid = np.isfinite(sigma[used])
+    resid = (d - amp[used][:, None, None] * model[None]) / model.max()
+    return PsfModel(
+        coeffs=model[None], spatial_order=0, detector_shape=(int(detector_shape[0]), int(detector_shape[1])),
+        n_stars=int(used.sum()), n_rejected=int(n_rejected + n_in - used.sum()),
+        residual_rms=float(np.sqrt(np.mean(resid[valid] ** 2))), chi2=float(chi2),
+        fallback="moffat", fallback_params=tuple(float(v) for v in params),
     )

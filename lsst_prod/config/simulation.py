@@ -30,6 +30,9 @@ _DEFAULT_EXT = {"u": 0.47, "g": 0.21, "r": 0.13, "i": 0.10, "z": 0.07, "y": 0.18
 #: 10 FWHM half-width stay within the renderer's 256-pixel limit); stages size their PSF stamps
 #: and apertures from the measured seeing, so there is no tighter cap.
 MAX_PSF_FWHM_PIX = 25.0
+#: lowest altitude at which a field is observed (deg): the airmass formula and the simulated sky need the
+#: field above the horizon at every hour angle of the cadence
+MIN_ALTITUDE_DEG = 0.0
 
 
 def _range(lo: float, hi: float, name_lo: str, name_hi: str, strict: bool = True) -> None:
@@ -229,6 +232,7 @@ class SimulationConfig(BaseModel):
                 f"seeing_max_arcsec x (1 + psf_fwhm_growth_frac) / pixel_scale_arcsec = {worst:.2f} px exceeds "
                 f"{MAX_PSF_FWHM_PIX} px (the renderer's point-source stamps would exceed 256 px)")
         _range(self.hour_angle_min_h, self.hour_angle_max_h, "hour_angle_min_h", "hour_angle_max_h", strict=False)
+        self._check_above_horizon()
         _range(self.sky_factor_min, self.sky_factor_max, "sky_factor_min", "sky_factor_max", strict=False)
         _range(self.star_mag_min, self.star_mag_max, "star_mag_min", "star_mag_max")
         _range(self.galaxy_mag_min, self.galaxy_mag_max, "galaxy_mag_min", "galaxy_mag_max")
@@ -265,6 +269,28 @@ class SimulationConfig(BaseModel):
         if self.visits_per_night_per_band * len(self.bands) > 9999:
             raise ValueError("more than 9999 visits per night")
         return self
+
+    def _check_above_horizon(self) -> None:
+        """The field must be above the horizon at every hour angle observed (the airmass is undefined
+        below it): altitude = asin(sin(lat) sin(dec) + cos(lat) cos(dec) cos(HA)) is lowest at the largest
+        |HA| of the night's range, and at most 90 - |lat - dec| (at transit)."""
+        lat, dec = math.radians(self.site_latitude_deg), math.radians(self.field_dec_deg)
+        transit = 90.0 - abs(self.site_latitude_deg - self.field_dec_deg)
+        if transit <= MIN_ALTITUDE_DEG:
+            raise ValueError(
+                f"field_dec_deg = {self.field_dec_deg} never rises above the horizon at site_latitude_deg = "
+                f"{self.site_latitude_deg} (highest altitude {transit:.1f} deg, at transit); a field must reach "
+                f"altitude > {MIN_ALTITUDE_DEG:g} deg: |site_latitude_deg - field_dec_deg| must be < "
+                f"{90.0 - MIN_ALTITUDE_DEG:g} deg")
+        ha = max(abs(self.hour_angle_min_h), abs(self.hour_angle_max_h))
+        alt = math.degrees(math.asin(max(-1.0, min(1.0, math.sin(lat) * math.sin(dec)
+                                                    + math.cos(lat) * math.cos(dec) * math.cos(math.radians(15.0 * ha))))))
+        if alt <= MIN_ALTITUDE_DEG:
+            raise ValueError(
+                f"field_dec_deg = {self.field_dec_deg} at site_latitude_deg = {self.site_latitude_deg} is at "
+                f"altitude {alt:.1f} deg at hour angle {ha:g} h (hour_angle_min_h / hour_angle_max_h = "
+                f"{self.hour_angle_min_h:g} / {self.hour_angle_max_h:g}): it must be above {MIN_ALTITUDE_DEG:g} "
+                f"deg; narrow the hour-angle range or move the field")
 
     # ------------------------------------------------------------ helpers
     def focal_plane_radius_pix(self) -> float:

@@ -39,6 +39,10 @@ class SingleFrameConfig(StageConfig):
     edge_pixels: int = Field(4, ge=0, description="width of the EDGE mask at the detector border, pixels")
     background_mesh_pixels: int = Field(128, ge=16, description="background mesh size, pixels")
     background_filter_size: int = Field(3, ge=1, description="median filter over background meshes")
+    background_statistic: Literal["mean", "mode"] = Field(
+        "mean", description="per-mesh statistic of the final background (sources at the detection threshold "
+                            "masked): 'mean' (4-sigma clipped; unbiased PSF fluxes) or 'mode' (SExtractor's, "
+                            "0.3-0.4 e- low on Poisson sky); the first pass always uses the mode")
     cosmic_ray_threshold_sigma: float = Field(5.0, gt=0, description="L.A.Cosmic detection threshold")
     detection_threshold_sigma: float = Field(5.0, gt=0, description="PSF-convolved S/N threshold")
     psf_stamp_pixels: int | Literal["auto"] = Field(
@@ -144,6 +148,11 @@ class ObjectsConfig(StageConfig):
                             "a number: that aperture is the total")
     telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m (Airy wings); 0: left out")
     telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
+    apcorr_full_wing_background: bool = Field(
+        True, description="aperture-correction stars measured with every source subtracted with its full-wing "
+                          "(12 FWHM) model and the local background the clipped mean of all usable annulus pixels "
+                          "of that residual; the correction is the inverse-variance weighted mean of the stars' "
+                          "ratios (false: stamp-limited models, the measurement's sky, median ratio)")
 
     @field_validator("apcorr_reference_radius_pixels")
     @classmethod

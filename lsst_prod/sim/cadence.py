@@ -39,6 +39,7 @@ import numpy as np
 
 from ..camera import Camera
 from ..config.simulation import SimulationConfig
+from ..errors import ConfigError
 from .astrometry import earth_barycentric_au, offset_position
 from .spec import focal_plane_extent, physical_filter_of, rng_for
 
@@ -247,6 +248,12 @@ def make_visits(config: SimulationConfig, camera: Camera) -> list[VisitTruth]:
         true_ra, true_dec = offset_position(cmd_ra, cmd_dec, *p["perr"])
         ha = float(hour_angle_hours(p["mid_utc"], float(cmd_ra), lon))
         alt, az = alt_az(ha, float(cmd_dec), config.site_latitude_deg)
+        if alt <= 0.0:  # the config's check covers the nominal hour angles; visits packed later can drift
+            raise ConfigError(
+                f"simulation: visit {i + 1} of {len(plan)} (night {day_obs_of(p['mid_utc'] - half)}) would be "
+                f"below the horizon: altitude {alt:.1f} deg at hour angle {ha:.2f} h for field_dec_deg = "
+                f"{config.field_dec_deg} at site_latitude_deg = {config.site_latitude_deg}; narrow "
+                f"hour_angle_min_h / hour_angle_max_h or observe fewer visits_per_night_per_band")
         airmass = airmass_kasten_young(alt)
         rot = float(p["rot"])
         g = p["psf"]

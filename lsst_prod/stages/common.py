@@ -7,7 +7,8 @@ import math
 import numpy as np
 from astropy.wcs import WCS
 
-from ..algorithms.apcorr import ApertureCorrection, fit_aperture_correction, kolmogorov_wing_fraction
+from ..algorithms.apcorr import (ApertureCorrection, clean_aperture_fluxes, fit_aperture_correction, kolmogorov_wing_fraction,
+                                 weighted_ratio)
 from ..algorithms.neighbours import aperture_flux_without_neighbours
 
 SKY_ANNULUS_PIX = (50.0, 70.0)  # measure_sources' default local-background annulus
@@ -23,7 +24,8 @@ def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[st
                      stars: np.ndarray, radius: float, robust_constant: bool = False,
                      sky_annulus: tuple[float, float] | None = None, fwhm: float | None = None,
                      total_flux: bool = False, measure_radius: float | None = None,
-                     diffraction: tuple[float, float] = (0.0, 0.0)) -> ApertureCorrection:
+                     diffraction: tuple[float, float] = (0.0, 0.0),
+                     usable: np.ndarray | None = None) -> ApertureCorrection:
     """Aperture correction (reference aperture / PSF flux) from the rows ``stars`` (bright isolated
     stars), their reference apertures measured with every other source's PSF model subtracted and
     the local annulus background removed (crowded fields; see algorithms/neighbours.py).  ``cols["sky"]``
@@ -37,12 +39,44 @@ def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[st
     pattern: ``diffraction`` = (lambda/D in pixels, linear obscuration)) in ``total_factor``.  ``measure_radius`` (with ``total_flux``): the stars' apertures are measured at this
     smaller radius, where their S/N is higher and a local-background error weighs less, and the
     Kolmogorov wing carries the light beyond it (``total_factor``).  With 1-2 usable stars the correction is their weighted mean (order 0) with its
-    error; with none it is an AlgorithmError."""
+    error; with none it is an AlgorithmError.
+
+    ``usable`` (boolean image, with ``fwhm``): the stars' apertures come from
+    :func:`~lsst_prod.algorithms.apcorr.clean_aperture_fluxes` instead: every source subtracted with its
+    full-wing model, the local background the clipped mean of all usable ``sky_annulus`` pixels of that
+    residual (``cols["sky"]`` is not used), and with ``robust_constant`` the correction is the
+    inverse-variance weighted, clipped mean of the ratios
+    (:func:`~lsst_prod.algorithms.apcorr.weighted_ratio`)."""
     sky_annulus = sky_annulus if sky_annulus is not None else sky_annulus_for(radius)
     if total_flux and measure_radius is not None:
         radius = min(float(radius), float(measure_radius))
     leaf = cols["deblend_nChild"] == 0
     idx = np.flatnonzero(stars & leaf & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0))
+    factor = 1.0
+    if total_flux:
+        cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
+        f = float(fwhm) if fwhm is not None else float(psf.fwhm_at(cx, cy))
+        factor = 1.0 + kolmogorov_wing_fraction(round(f, 3), round(float(radius), 3), *diffraction)
+    if usable is not None and fwhm is not None:
+        m = clean_aperture_fluxes(image, variance, usable, psf, cols["x"], cols["y"],
+                                  np.where(leaf, cols["psfFlux"], 0.0), idx, radius, float(fwhm), sky_annulus,
+                                  diffraction=diffraction)
+        ok = ~m["flag"] & (m["flux"] > 0)
+        psf_flux, psf_err = cols["psfFlux"][idx][ok], cols["psfFluxErr"][idx][ok]
+        ref_flux, ref_err = m["flux"][ok], m["flux_err"][ok]
+        if robust_constant:
+            ratio = ref_flux / psf_flux
+            sig = ratio * np.hypot(ref_err / ref_flux, psf_err / psf_flux)
+            good = np.isfinite(sig) & (sig > 0)
+            if good.sum() < 3:
+                return ApertureCorrection(0, np.array([1.0]), np.zeros((1, 1)), image.shape, int(good.sum()),
+                                          float("nan"), float("nan"), 0.0, radius, factor)
+            val, err, rms, n_used = weighted_ratio(ratio[good], sig[good], psf_flux[good])
+            return ApertureCorrection(0, np.array([val]), np.array([[err**2]]), image.shape, n_used, rms, err / val,
+                                      0.0, radius, factor)
+        fit = fit_aperture_correction(cols["x"][idx][ok], cols["y"][idx][ok], psf_flux, psf_err, ref_flux, ref_err,
+                                      np.ones(int(ok.sum()), bool), image.shape, ref_radius=radius)
+        return fit.with_total_factor(factor)
     ref_flux, ref_err, ref_flag, area = aperture_flux_without_neighbours(
         image, variance, psf, cols["x"], cols["y"], np.where(leaf, cols["psfFlux"], 0.0), idx, radius, fwhm=fwhm,
         diffraction=diffraction)
@@ -51,11 +85,6 @@ def fit_apcorr_clean(image: np.ndarray, variance: np.ndarray, psf, cols: dict[st
     n_annulus = math.pi * (r_out**2 - r_in**2)
     ref_err = np.hypot(ref_err, cols["skyErr"][idx] * area / math.sqrt(n_annulus))
     ok = ~ref_flag & np.isfinite(ref_flux) & ~cols["sky_flag"][idx]
-    factor = 1.0
-    if total_flux:
-        cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
-        f = float(fwhm) if fwhm is not None else float(psf.fwhm_at(cx, cy))
-        factor = 1.0 + kolmogorov_wing_fraction(round(f, 3), round(float(radius), 3), *diffraction)
     if robust_constant:
         # A constant: the median ratio (contamination of large apertures is one-sided, so a weighted
         # mean or polynomial is pulled up by it; on coadds the PSF model varies little anyway).

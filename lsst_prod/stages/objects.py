@@ -22,7 +22,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from ..algorithms.deblend import deblend_footprints
-from ..algorithms.masks import DETECTED
+from ..algorithms.masks import DETECTED, UNUSABLE
 from ..algorithms.detect import detect_sources
 from ..algorithms.footprints import Footprints
 from ..algorithms.forced import forced_psf_photometry
@@ -89,6 +89,7 @@ class ObjectsStage(Stage):
             raise NoWorkFound(f"no detection on the coadds of {ctx.data_id}")
         deb = deblend_footprints({b: coadds[b].image for b in bands}, {b: coadds[b].variance for b in bands},
                                  {b: coadds[b].mask for b in bands}, psfs, merged)
+        merged = deb.merged  # peaks the deblender found in its residuals are appended: measure every child
         cat = deb.catalog
         n = len(cat["x"])
         # measurement in every band at the merged footprints/peaks (blends fitted simultaneously)
@@ -109,7 +110,8 @@ class ObjectsStage(Stage):
             # coadd carries neighbours' and confusion light), the PSF's wing beyond added from theory
             apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
                                    fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
-                                   diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0))
+                                   diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
+                                   usable=(e.mask & UNUSABLE) == 0 if cfg.apcorr_full_wing_background else None)
             ac = apc(mb["x"], mb["y"])
             mb["psfFlux"] = mb["psfFlux"] * ac
             mb["psfFluxErr"] = mb["psfFluxErr"] * ac
@@ -127,7 +129,7 @@ class ObjectsStage(Stage):
         cols["parentObjectId"] = np.where(parent >= 0, ids[np.clip(parent, 0, None)], 0).astype(np.int64)
         cols["deblend_nChild"] = np.asarray(cat["deblend_nChild"])
         for flag in ("deblend_skipped", "deblend_tooManyPeaks", "deblend_parentTooBig", "deblend_masked",
-                     "deblend_failed"):
+                     "deblend_failed", "deblend_residualPeak"):
             if flag in cat:
                 cols[flag] = np.asarray(cat[flag], bool)
         # centroid: the deblender's for children, else the reference band's measurement

@@ -45,6 +45,12 @@ from .common import diffraction_pixels as _diffraction
 from .source_schema import SOURCE_UNITS, build_source_columns
 
 NJY_AB_ZERO = 31.4  # AB mag of 1 nJy
+#: deblended children with less of their neighbours' light than this (fraction in their aperture) are
+#: calibration stars for astrometry and photometry, as apcorr_stars() takes them for the aperture correction
+ASTROMETRY_MAX_BLENDEDNESS = 0.05
+#: when the astrometric match fails within the configured pointing search radius, it is widened x3 up to
+#: this (80" -> 4' -> 10'): telescopes can be off by arcminutes (a bad pointing model, a wrong offset)
+ASTROMETRY_MAX_SEARCH_RADIUS_ARCSEC = 600.0
 
 
 def _read_raw(path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -110,7 +116,7 @@ class SingleFrameStage(Stage):
         psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
                       stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_cand),
                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
-                      min_stars_per_term=cfg.psf_min_stars_per_term)
+                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
         cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
         fwhm_pix = float(psf.fwhm_at(cx, cy))
 
@@ -120,9 +126,15 @@ class SingleFrameStage(Stage):
         image, mask = repaired.image, repaired.mask
         n_cr = int(repaired.n_pixels)
 
-        # 4. background with sources masked, full detection, final PSF
-        bg2 = estimate_background(image + bg.image, mask | (fp.labels > 0).astype(np.uint32) * masks.DETECTED,
-                                  mesh_size=cfg.background_mesh_pixels, filter_size=cfg.background_filter_size)
+        # 4. background with sources masked, full detection, final PSF.  The final background is the
+        # clipped MEAN of the pixels outside the footprints at the detection threshold (the level that
+        # leaves PSF fluxes unbiased; a mode sits ~0.4 e- low on Poisson sky): mask those footprints.
+        fp_bg = detect_sources(image, variance, mask, psf.sigma_at(cx, cy), threshold=cfg.detection_threshold_sigma,
+                               set_mask=False)
+        bg2 = estimate_background(image + bg.image,
+                                  mask | ((fp.labels > 0) | (fp_bg.labels > 0)).astype(np.uint32) * masks.DETECTED,
+                                  mesh_size=cfg.background_mesh_pixels, filter_size=cfg.background_filter_size,
+                                  statistic=cfg.background_statistic)
         image = (image + bg.image - bg2.image).astype(np.float32)
         background = bg2
         mask &= ~np.uint32(masks.DETECTED)
@@ -134,16 +146,20 @@ class SingleFrameStage(Stage):
         psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
                       stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix),
                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
-                      min_stars_per_term=cfg.psf_min_stars_per_term)
+                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
         fwhm_pix = float(psf.fwhm_at(cx, cy))
-        log.info("[%s] PSF FWHM %.2f px from %d stars; %d footprints, %d CR pixels",
-                 did, fwhm_pix, psf.n_stars, fp.n_footprints, n_cr)
+        log.info("[%s] PSF FWHM %.2f px from %d stars%s; %d footprints, %d CR pixels",
+                 did, fwhm_pix, psf.n_stars, f" (parametric {psf.fallback} fallback)" if psf.is_fallback else "",
+                 fp.n_footprints, n_cr)
 
         # 5. measurement + aperture correction
         ref_radius = (apcorr_radius(fwhm_pix) if cfg.apcorr_reference_radius_pixels == "auto"
                       else float(cfg.apcorr_reference_radius_pixels))
+        # every source is measured on the image minus the other detected sources' PSF models (with the
+        # Kolmogorov x Airy wing beyond the stamp), scaled by their first-pass PSF fluxes
         cols = measure_sources(image, variance, mask, fp, psf, background_rms=background.rms,
-                               sky_annulus=sky_annulus_for(ref_radius))
+                               sky_annulus=sky_annulus_for(ref_radius), subtract_neighbours=True,
+                               diffraction=_diffraction(cfg, band, pixel_scale))
         n = len(cols["x"])
         if n == 0:
             raise AlgorithmError("no sources detected", n_footprints=fp.n_footprints)
@@ -168,14 +184,19 @@ class SingleFrameStage(Stage):
         # margin: the pointing error plus how far a rotator error about the boresight (CRPIX) moves the corners
         corner_r = np.hypot(np.array([0, image.shape[1] - 1]) - (wcs0.wcs.crpix[0] - 1),
                             np.array([[0], [image.shape[0] - 1]]) - (wcs0.wcs.crpix[1] - 1)).max()  # fmt: skip
-        margin_pix = (cfg.astrometry_search_radius_arcsec / pixel_scale
+        max_search = max(cfg.astrometry_search_radius_arcsec, ASTROMETRY_MAX_SEARCH_RADIUS_ARCSEC)
+        margin_pix = (max_search / pixel_scale
                       + math.radians(cfg.astrometry_max_rotation_deg) * corner_r + 50)  # fmt: skip
         ref = _refcat_near(refcat, wcs0, image.shape, margin_pix=margin_pix)
         if len(ref["ra"]) < cfg.astrometry_min_matches:
             raise AlgorithmError(f"only {len(ref['ra'])} reference stars over the detector", n_ref=len(ref["ra"]))
         ref_ra, ref_dec = propagate_positions(ref["ra"], ref["dec"], ref["pmra"], ref["pmdec"], ref["parallax"],
                                               float(ref["epoch_mjd"][0]), mjd_mid)
-        usable = (cols["parent_index"] < 0) & (cols["deblend_nChild"] == 0) & ~cols["pixelFlags_saturatedCenter"] \
+        # leaves: isolated sources and deblended children whose neighbours put < 5 % of the light in their
+        # aperture (in a sparse field the 5-sigma footprints of bright stars reach their faint neighbours:
+        # excluding every child lost a third of the 4-6 reference stars of a detector)
+        usable = ((cols["parent_index"] < 0) | (cols["blendedness_abs"] < ASTROMETRY_MAX_BLENDEDNESS)) \
+            & (cols["deblend_nChild"] == 0) & ~cols["pixelFlags_saturatedCenter"] \
             & ~cols["pixelFlags_edge"] & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 10 * cols["psfFluxErr"])
         sel = np.flatnonzero(usable)
         ref_mag = NJY_AB_ZERO - 2.5 * np.log10(np.clip(ref[f"{band}_flux"], 1e-3, None))
@@ -193,7 +214,8 @@ class SingleFrameStage(Stage):
         astrom = fit_wcs(cols["x"][sel], cols["y"][sel], cols["psfFlux"][sel], wcs0, ref_ra[fit_idx], ref_dec[fit_idx],
                          ref_mag[fit_idx], search_radius_arcsec=cfg.astrometry_search_radius_arcsec,
                          max_rotation_deg=cfg.astrometry_max_rotation_deg, sip_order=cfg.astrometry_sip_order,
-                         detector_shape=image.shape, min_matches=cfg.astrometry_min_matches)  # fmt: skip
+                         detector_shape=image.shape, min_matches=cfg.astrometry_min_matches,
+                         max_search_radius_arcsec=max_search)  # fmt: skip
         wcs = astrom.wcs
         ra, dec = wcs.all_pix2world(cols["x"], cols["y"], 0)
         src_matched = sel[astrom.matched_src_index]
@@ -261,6 +283,7 @@ class SingleFrameStage(Stage):
             "MJD-MID": mjd_mid, "DATE-OBS": hdr.get("DATE-OBS"), "AIRMASS": hdr.get("AIRMASS"),
             "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "MAGCTERM": float(phot.colour_term), "BUNIT": "electron",
             "PSFFWHM": fwhm_pix * pixel_scale, "PIXSCALE": pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
+            "PSFFALLB": bool(psf.is_fallback),
             "ASTRRMS": astrom.rms_arcsec, "ASTRNMAT": int(astrom.n_matched), "SKYBG": float(background.global_level),
             "SKYNOISE": sky_noise, "NCRPIX": n_cr, "RELEASE": ctx.release_id,
         }
@@ -287,7 +310,7 @@ class SingleFrameStage(Stage):
             "zeroPoint": [float(phot.zero_point)], "psfSigma": [psf_sigma], "seeing": [fwhm_pix * pixel_scale],
             "skyBg": [float(background.global_level)], "skyNoise": [sky_noise],
             "astromOffsetMean": [float(astrom.offset_mean_arcsec)], "astromOffsetStd": [float(astrom.offset_std_arcsec)],
-            "nPsfStar": [int(psf.n_stars)], "skyRotation": [float(hdr.get("ROTPA", 0.0))],
+            "nPsfStar": [int(psf.n_stars)], "psfIsFallback": [bool(psf.is_fallback)], "skyRotation": [float(hdr.get("ROTPA", 0.0))],
             "expMidptMJD": [mjd_mid], "obsStartMJD": [float(hdr["MJD-OBS"])],
             "obsStart": [t_start.isot], "expMidpt": [Time(mjd_mid, format="mjd", scale="tai").isot],
             "xSize": [int(image.shape[1])], "ySize": [int(image.shape[0])],
@@ -304,7 +327,7 @@ class SingleFrameStage(Stage):
         ctx.put("ccdVisit", lambda p: write_parquet(p, ccd_table))
 
         ctx.summary.update(
-            n_sources=n, n_psf_stars=int(psf.n_stars), psf_fwhm_arcsec=fwhm_pix * pixel_scale,
+            n_sources=n, n_psf_stars=int(psf.n_stars), psf_fallback=psf.fallback, psf_fwhm_arcsec=fwhm_pix * pixel_scale,
             zero_point=float(phot.zero_point), n_astrom_matches=int(astrom.n_matched),
             n_astrom_reserved=int(astrometry_reserved.sum()), astrom_reserve_note=reserve_note,
             astrom_match_method=astrom.match_method, astrom_log10_false_alarm=float(astrom.log10_false_alarm),

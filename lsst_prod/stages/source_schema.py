@@ -32,6 +32,7 @@ _PASS_THROUGH = (
     "footprintArea_value", "deblend_nChild", "blendedness_abs", "psfFlux_flag", "psfFlux_area", "centroid_flag",
     "pixelFlags_saturated", "pixelFlags_saturatedCenter", "pixelFlags_cr", "pixelFlags_crCenter", "pixelFlags_edge",
     "pixelFlags_bad", "pixelFlags_interpolated", "pixelFlags_interpolatedCenter", "variance_value",
+    "psfFlux_flag_unmodelledNeighbour",
 )
 
 

@@ -162,3 +162,108 @@ def test_wald_option_lowers_an_insignificant_gradient_and_total_factor_round_tri
     assert tot(500.0, 500.0)[0] == pytest.approx(1.004 * flat(500.0, 500.0)[0])
     again = ApertureCorrection.from_dict(json.loads(json.dumps(tot.to_dict())))
     assert again.total_factor == 1.004 and again(10.0, 20.0)[0] == pytest.approx(tot(10.0, 20.0)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crowded field with an additive background offset: full-wing neighbour subtraction + annulus mean.
+
+class _StampPsf:
+    """A constant PSF model: the unit-sum ``stamp`` (what a pixel PSF model holds), FWHM ``fwhm``."""
+
+    def __init__(self, stamp: np.ndarray, fwhm: float):
+        self.stamp, self.fwhm = stamp, fwhm
+
+    def image_at(self, x, y):
+        return self.stamp
+
+    def fwhm_at(self, x, y):
+        return self.fwhm
+
+
+def _crowded_kolmogorov_field(offset: float, seed: int = 5):
+    """Noise-free 800^2 field of Kolmogorov (FWHM 4 px) stars at integer positions, drawn out to 100 px
+    (25 FWHM, beyond any model), ~1 star per 270 px^2 above 1/10 of the faintest correction star plus
+    fainter undetected ones, and a flat ``offset`` per pixel (a background error)."""
+    import galsim
+    from scipy.signal import fftconvolve
+
+    prof = galsim.Kolmogorov(fwhm=4.0)
+    kern = prof.drawImage(nx=201, ny=201, scale=1.0).array.astype(float)
+    kern /= prof.flux  # unit total flux, the part beyond 100 px dropped
+    fwhm = 2.3548200450309493 * galsim.Image(kern[60:141, 60:141]).FindAdaptiveMom().moments_sigma
+    stamp = kern[100 - 12 : 113, 100 - 12 : 113].copy()
+    c_stamp = stamp.sum()
+    rng = np.random.default_rng(seed)
+    shape = (800, 800)
+    n = 2400
+    x = rng.integers(0, shape[1], n).astype(float)
+    y = rng.integers(0, shape[0], n).astype(float)
+    flux = 10 ** rng.uniform(2.0, 5.5, n)  # electrons; log-uniform: many faint neighbours
+    image = np.zeros(shape)
+    np.add.at(image, (y.astype(int), x.astype(int)), flux)
+    image = fftconvolve(image, kern, mode="same") + offset
+    detected = flux > 300.0  # the catalogue: fainter ones are undetected light
+    return image, _StampPsf(stamp / c_stamp, fwhm), x, y, flux, detected, c_stamp, kern
+
+
+def test_clean_aperture_fluxes_recover_truth_with_offset_and_crowding():
+    """Aperture fluxes of the correction stars within 0.3 % of the truth (light of the noise-free profile
+    within the radius) in a crowded field with a flat background error of -2 per pixel (-1.6 % of a
+    10^5 star's 4-FWHM aperture), where stamp-limited neighbour models and a local sky from the pixels
+    between footprints are biased by more than that."""
+    from lsst_prod.algorithms.apcorr import clean_aperture_fluxes, weighted_ratio
+    from lsst_prod.algorithms.neighbours import aperture_flux_without_neighbours
+
+    image, psf, x, y, flux, detected, c_stamp, kern = _crowded_kolmogorov_field(offset=-2.0)
+    radius, annulus = 16.0, (64.0, 89.6)  # 4 FWHM; annulus as sky_annulus_for(8 FWHM)
+    c_r = sep.sum_circle(np.ascontiguousarray(kern), [100.0], [100.0], radius, subpix=0)[0][0]
+    cat = np.flatnonzero(detected)
+    psf_flux = flux[cat] * c_stamp  # the noise-free PSF-model flux (the light within the stamp)
+    var = np.ones(image.shape)
+    which = np.flatnonzero((flux[cat] > 2e4) & (x[cat] > 48) & (x[cat] < 751) & (y[cat] > 48) & (y[cat] < 751))
+    assert len(which) >= 30
+    m = clean_aperture_fluxes(image, var, np.ones(image.shape, bool), psf, x[cat], y[cat], psf_flux, which,
+                              radius, psf.fwhm, annulus)
+    true_ap = flux[cat][which] * c_r
+    ok = ~m["flag"]
+    dev = m["flux"][ok] / true_ap[ok] - 1.0
+    assert np.median(np.abs(dev)) < 0.003, dev
+    ratio = m["flux"][ok] / psf_flux[which][ok]
+    val, err, _, _ = weighted_ratio(ratio, ratio * m["flux_err"][ok] / m["flux"][ok], psf_flux[which][ok])
+    assert abs(val / (c_r / c_stamp) - 1.0) < 0.003
+    assert np.median(m["level"][ok]) == pytest.approx(-2.0, abs=0.3)
+    # the stamp-limited neighbour models with the median of the annulus pixels outside the footprints
+    # (the stage's previous local sky) miss both effects by more than the tolerance
+    ap, _, _, area = aperture_flux_without_neighbours(image, var, psf, x[cat], y[cat], psf_flux, which, radius)
+    foot = np.zeros(image.shape)
+    np.add.at(foot, (y[cat].astype(int), x[cat].astype(int)), flux[cat])
+    from scipy.signal import fftconvolve
+
+    foot = fftconvolve(foot, kern, mode="same") > 2.0  # the sources' footprints (above ~1 sigma of a sky)
+    yy, xx = np.mgrid[-90:91, -90:91]
+    old = []
+    for k in which:
+        ix, iy = int(x[cat][k]), int(y[cat][k])
+        sub = (slice(max(iy - 90, 0), iy + 91), slice(max(ix - 90, 0), ix + 91))
+        r = np.hypot(xx, yy)[90 - (iy - sub[0].start):, 90 - (ix - sub[1].start):][: image[sub].shape[0], : image[sub].shape[1]]
+        old.append(np.median(image[sub][(r >= annulus[0]) & (r < annulus[1]) & ~foot[sub]]))
+    old_dev = (ap - np.array(old) * area) / true_ap - 1.0
+    assert abs(np.median(old_dev[ok])) > 0.003, np.median(old_dev[ok])
+
+
+def test_weighted_ratio_is_set_by_the_precise_stars_not_the_many_noisy_ones():
+    """Ratios 1.0 + pixel noise (sigma ~ 1/sqrt(flux)) + additive contamination (sigma ~ 1/flux), with the
+    faint stars carrying a -1 % flux-dependent bias (as a background deficit gives them): the weighted
+    estimate stays within 3 of its errors of 1.0 (and within 0.2 %); the unweighted median, set by the
+    80 % faint stars, is ~0.7 % low."""
+    from lsst_prod.algorithms.apcorr import weighted_ratio
+
+    rng = np.random.default_rng(11)
+    n = 400
+    flux = np.where(rng.random(n) < 0.8, 10 ** rng.uniform(3.5, 4.0, n), 10 ** rng.uniform(4.5, 5.5, n))
+    sigma = 3.0 / np.sqrt(flux)  # 3 % at 10^4
+    contam = 150.0 / flux * rng.normal(size=n)  # 150 e of unmodelled light, either sign
+    ratio = 1.0 + sigma * rng.normal(size=n) + contam - 0.01 * (flux < 2e4)
+    val, err, _, n_used = weighted_ratio(ratio, sigma, flux)
+    assert abs(val - 1.0) < max(3 * err, 0.002) and err < 0.002 and n_used > 0.9 * n
+    assert np.median(ratio) < 0.995

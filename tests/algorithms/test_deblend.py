@@ -341,3 +341,85 @@ def test_close_pairs_split_with_sharp_peaks(sep_fwhm, ratio):
     print(f"sep {sep_fwhm} ratio {ratio}: split {split}/10, median |err| {np.median(errs):.3f}, max {errs.max():.3f}")
     assert split >= 8
     assert np.median(errs) <= 0.05 and errs.max() <= 0.15
+
+
+# ----------------------------------------------------------------------------- residual search
+def test_point_source_dchi2_is_the_psf_fit_gain():
+    """For a residual that is a PSF of amplitude a on white noise-free pixels of variance V, the
+    matched filter at its centre gives amplitude c/n = a and chi2 gain a^2 sum(p^2) / V (analytic)."""
+    from lsst_prod.algorithms.deblend import point_source_dchi2
+
+    stamp = PSFS["r"].image_at(0, 0)
+    stamp = stamp / stamp.sum()
+    resid = np.zeros((1, 60, 60))
+    add_stamp(resid[0], 500.0 * stamp, 30, 25)
+    ivar = np.full(resid.shape, 1 / SKY)
+    gain, c, n = point_source_dchi2(resid, ivar, [stamp])
+    assert c[0, 25, 30] / n[0, 25, 30] == pytest.approx(500.0, rel=1e-9)
+    assert gain[25, 30] == pytest.approx(500.0**2 * (stamp**2).sum() / SKY, rel=1e-9)
+    assert np.unravel_index(np.argmax(gain), gain.shape) == (25, 30)
+    # a negative residual gives no gain (non-negative SED)
+    gain, _, _ = point_source_dchi2(-resid, ivar, [stamp])
+    assert gain.max() == pytest.approx(0.0, abs=1e-9)
+
+
+def _companion_scene(seed, ratio=0.2, sep_fwhm=1.3):
+    f = 1.8e4  # r S/N ~120; the companion ~40
+    return [dict(x=40.3, y=39.6, f={"g": f, "r": f}),
+            dict(x=40.3 + sep_fwhm * 4.0 * np.cos(0.7), y=39.6 + sep_fwhm * 4.0 * np.sin(0.7),
+                 f={"g": ratio * f * 0.8, "r": ratio * f})]
+
+
+def _detect_deblend(objs, seed, config=None, shape=(80, 80)):
+    images, variances, mks = _scene(objs, shape, seed)
+    per = {b: detect_sources(images[b], variances[b], mks[b].copy(), PSFS[b].sigma_at(0, 0), peak_smoothing=0.5)
+           for b in PSFS}
+    merged = merge_detections(per, shape)
+    return deblend_footprints(images, variances, mks, PSFS, merged, config), merged
+
+
+def test_residual_search_adds_companion_without_peak():
+    """A companion at 1.3 FWHM with 0.2 of the flux (S/N ~40) has no maximum of its own in the peak
+    image (test_detect: 0/20 found): the detected peaks give one object.  The residual search finds
+    it in >= 8 of 10 noise realisations, at <= 1.5 px from the truth, and the two children's
+    conserved r fluxes are within median 6 % of the truth, every one within 25 % (the companion's
+    conserved flux at S/N ~40 scatters by ~5-8 %, docs/algorithms-objects.md); without it (residual_iterations
+    = 0) none is split.  The added peak is appended to ``merged`` and flagged."""
+    objs = _companion_scene(0)
+    split, errs = 0, []
+    for seed in range(10):
+        res, merged = _detect_deblend(objs, seed)
+        assert merged.n_peaks == 1  # the companion has no peak of its own
+        off, _ = _detect_deblend(objs, seed, dict(residual_iterations=0))
+        assert np.all(off.catalog["deblend_nChild"] == 0) and off.merged.n_peaks == 1
+        cat = res.catalog
+        kids = np.flatnonzero(cat["parent_index"] >= 0)
+        if len(kids) != 2:
+            continue
+        rows, dist = _match(cat, objs, kids)
+        if len(set(rows.tolist())) == 2 and np.all(dist < 1.5):
+            split += 1
+            errs.append([cat["r_flux"][r] / o["f"]["r"] - 1 for r, o in zip(rows, objs)])
+            assert res.merged.n_peaks == 2 and cat["deblend_residualPeak"][rows[1]]
+            assert not cat["deblend_residualPeak"][rows[0]] and cat["peak_index"][rows[1]] == 1
+    errs = np.abs(np.array(errs))
+    print(f"residual search: split {split}/10, median |err| {np.median(errs):.3f}, max {errs.max():.3f}")
+    assert split >= 8
+    assert np.median(errs) <= 0.06 and errs.max() <= 0.25
+
+
+def test_residual_search_keeps_single_stars_and_galaxies_whole():
+    """No spurious children: bright single stars (S/N ~1000) and galaxies (elliptical exponential,
+    hlr 3 px, |e| 0.3, and a bulge + disk, S/N ~300-600), 8 noise realisations each, stay one object."""
+    star = [dict(x=40.3, y=39.6, f={"g": 4e5, "r": 3e5})]
+    gal = [dict(x=40.6, y=39.2, f={"g": 1.5e5, "r": 2e5}, hlr=3.0, e1=0.25, e2=-0.15)]
+    bulge_disk = [dict(x=39.8, y=40.3, f={"g": 1e5, "r": 1.5e5}, hlr=4.0, e1=0.2, e2=0.2),
+                  dict(x=39.8, y=40.3, f={"g": 3e4, "r": 6e4}, hlr=1.0, e1=0.2, e2=0.2)]
+    extra = 0
+    for objs in (star, gal, bulge_disk):
+        for seed in range(8):
+            res, merged = _detect_deblend(objs, 100 + seed)
+            extra += res.merged.n_peaks - merged.n_peaks
+            assert merged.n_peaks == 1
+    print(f"extra children: {extra} of 24 single sources")
+    assert extra == 0

@@ -230,3 +230,48 @@ def test_image_at_half_pixel_follows_round(field):
     mom = adaptive_moments(model.image_at(10.5, 11.5)[None])
     assert mom["x"][0] == pytest.approx(12 + 0.5, abs=0.01)  # round(10.5) = 10 -> dx = +0.5
     assert mom["y"][0] == pytest.approx(12 - 0.5, abs=0.01)  # round(11.5) = 12 -> dy = -0.5
+
+
+def test_few_stars_fall_back_to_a_fitted_moffat(draw_moffat_field, true_psf):
+    """Below min_stars a constant Moffat (FWHM, beta, g1, g2) is fitted to the stars and flagged; one star
+    suffices; none is an AlgorithmError.  Truth: beta 3.5, FWHM 4.2 px, g = (0.04, -0.03), noise as a
+    30 s exposure on a 1000 e- sky.  Tolerances: FWHM and beta to 2 % and 5 % from 5 stars, the image to
+    1 % of the peak (measured 0.07-0.4 %); the empirical model raises below min_stars without fallback."""
+    from lsst_prod.algorithms.psf import moffat_image
+
+    n, fw, g1, g2 = 512, 4.2, 0.04, -0.03
+    rng = np.random.default_rng(3)
+    x, y = np.array([100.0, 400.0, 250.0, 380.0, 120.0]), np.array([120.0, 90.0, 260.0, 400.0, 420.0])
+    stars = draw_moffat_field((n, n), x, y, np.array([2e5, 1e5, 3e5, 5e4, 1.5e5]), fwhm=fw, g1=g1, g2=g2, beta=3.5)
+    img = (rng.poisson(SKY + stars) - SKY + rng.normal(0, RN, (n, n))).astype(np.float32)
+    var = (SKY + RN**2 + stars).astype(np.float32)
+    mask = np.zeros((n, n), np.uint32)
+    truth = true_psf(fw, g1, g2, 0.0, 0.0, 29)
+    assert np.abs(moffat_image(29, fw, 3.5, g1, g2) - truth).max() < 0.005 * truth.max()  # renderer vs GalSim
+    with pytest.raises(AlgorithmError):
+        fit_psf(img, var, mask, x, y, (n, n), stamp_size=29)  # 5 < max(2 x 6 terms, 10) stars
+    for k in (1, 5):
+        m = fit_psf(img, var, mask, x[:k], y[:k], (n, n), stamp_size=29, spatial_order=2, fallback=True)
+        assert m.is_fallback and m.fallback == "moffat" and m.spatial_order == 0 and m.n_stars == k
+        assert np.abs(m.image_at(256.0, 256.0) - truth).max() < 0.01 * truth.max()
+    fwhm, beta, fg1, fg2 = m.fallback_params
+    assert fwhm == pytest.approx(fw, rel=0.02) and beta == pytest.approx(3.5, rel=0.05)
+    assert fg1 == pytest.approx(g1, abs=0.005) and fg2 == pytest.approx(g2, abs=0.005)
+    # the flag survives the FITS round trip; an empirical model is not flagged
+    arr, hdr = m.to_fits()
+    assert hdr["FALLBACK"] and hdr["PARMODEL"] == "MOFFAT"
+    back = PsfModel.from_fits(arr, hdr)
+    assert back.is_fallback and back.fallback_params == pytest.approx(m.fallback_params)
+    assert not PsfModel.from_fits(*fit_psf(img, var, mask, x, y, (n, n), stamp_size=29, min_stars=3)
+                                  .to_fits()).is_fallback
+    # no usable star at all: an error even with the fallback
+    with pytest.raises(AlgorithmError, match="no star"):
+        fit_psf(img, var, mask, np.array([3.0]), np.array([3.0]), (n, n), stamp_size=29, fallback=True)
+
+
+def test_spatial_order_falls_to_constant_with_few_stars(field):
+    """Spatial order 2 asked, 20 stars at 8 per term: order 1 needs 24, so the model is constant."""
+    c = field["cand"]
+    m = fit_psf(field["img"], field["var"], field["mask"], c.x[:20], c.y[:20], (N, N), spatial_order=2,
+                min_stars_per_term=8.0, fallback=True)
+    assert m.spatial_order == 0 and not m.is_fallback and m.n_stars >= 10

@@ -122,3 +122,30 @@ def test_transparency_offsets_scale_with_config(make_config):
     camera = make_sim_camera(config)
     t = np.array([v.transparency_mag for v in make_visits(config, camera)])
     assert 0.04 < t.std() < 0.12
+
+
+def test_field_below_the_horizon_is_a_config_error_naming_the_keys(tmp_path, capsys):
+    """dec +75 from latitude -30 never rises (highest altitude 90 - 105 = -15 deg): a clear error naming
+    the campaign file and the keys, not a ValueError traceback from the airmass formula."""
+    import pydantic
+    import yaml
+
+    from lsst_prod.cli import main
+    from lsst_prod.config.simulation import SimulationConfig
+
+    with pytest.raises(pydantic.ValidationError, match="field_dec_deg = 75.0 never rises.*site_latitude_deg = -30"):
+        SimulationConfig(field_dec_deg=75.0, site_latitude_deg=-30.0)
+    # rises (transit at 35 deg) but is below the horizon at the end of a +-8 h night
+    with pytest.raises(pydantic.ValidationError, match="altitude -.* at hour angle 8 h.*hour_angle_min_h"):
+        SimulationConfig(field_dec_deg=-5.0, site_latitude_deg=-60.0, hour_angle_min_h=-8.0, hour_angle_max_h=8.0)
+    SimulationConfig(field_dec_deg=75.0, site_latitude_deg=31.96)  # the sparse-north survey: fine
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / "campaigns" / "dp-mini.yaml").read_text())
+    doc["simulation"].update(field_dec_deg=75.0, site_latitude_deg=-30.0)
+    doc["site"] = str(root / "sites" / "local.yaml")
+    path = tmp_path / "north.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    capsys.readouterr()
+    assert main(["simulate", str(path), "--repo", str(tmp_path / "repo")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "north.yaml" in err and "field_dec_deg" in err and "site_latitude_deg" in err and "Traceback" not in err
