@@ -44,7 +44,7 @@ def _range(lo: float, hi: float, name_lo: str, name_hi: str, strict: bool = True
 class SimulationConfig(BaseModel):
     """Everything the simulator needs; the same config and seed give identical output."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # ------------------------------------------------------------------ global
     seed: int = Field(12345, ge=0, lt=2**63, description="master random seed; every random stream derives from it")
