@@ -50,15 +50,11 @@ def kill_orphan_processes(token: str | None) -> int:
 
     if not token:
         return 0
-    me = os.getpid()
     victims = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == me:
-            continue
+    for pid in processes_with_token(token):
         try:
-            if proc.environ().get(DRIVER_TOKEN_VAR) == token:
-                victims.append(proc)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
+            victims.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
             continue
     for proc in victims:
         try:
@@ -82,7 +78,10 @@ def processes_with_token(token: str) -> list[int]:
     import psutil
 
     out = []
+    me = os.getpid()
     for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
         try:
             if proc.environ().get(DRIVER_TOKEN_VAR) == token:
                 out.append(proc.pid)

@@ -63,6 +63,15 @@ def _match(cat, objs, rows):
     return rows[d.argmin(0)], d.min(0)
 
 
+def _split_pair(cat, objs):
+    """Rows of the two children matched one-to-one within 1.5 px to the two true objects, or None."""
+    kids = np.flatnonzero(cat["parent_index"] >= 0)
+    if len(kids) != 2:
+        return None
+    rows, dist = _match(cat, objs, kids)
+    return rows if len(set(rows.tolist())) == 2 and np.all(dist < 1.5) else None
+
+
 def _errors(cat, objs):
     kids = np.flatnonzero(cat["parent_index"] >= 0)
     rows, dist = _match(cat, objs, kids)
@@ -330,11 +339,8 @@ def test_close_pairs_split_with_sharp_peaks(sep_fwhm, ratio):
         per = {b: detect_sources(images[b], variances[b], mks[b].copy(), PSFS[b].sigma_at(0, 0), peak_smoothing=0.5)
                for b in PSFS}
         cat = deblend_footprints(images, variances, mks, PSFS, merge_detections(per, (80, 80))).catalog
-        kids = np.flatnonzero(cat["parent_index"] >= 0)
-        if len(kids) != 2:
-            continue
-        rows, dist = _match(cat, objs, kids)
-        if len(set(rows.tolist())) == 2 and np.all(dist < 1.5):
+        rows = _split_pair(cat, objs)
+        if rows is not None:
             split += 1
             errs.append([cat["r_flux"][r] / o["f"]["r"] - 1 for r, o in zip(rows, objs)])
     errs = np.abs(np.array(errs))
@@ -393,11 +399,8 @@ def test_residual_search_adds_companion_without_peak():
         off, _ = _detect_deblend(objs, seed, dict(residual_iterations=0))
         assert np.all(off.catalog["deblend_nChild"] == 0) and off.merged.n_peaks == 1
         cat = res.catalog
-        kids = np.flatnonzero(cat["parent_index"] >= 0)
-        if len(kids) != 2:
-            continue
-        rows, dist = _match(cat, objs, kids)
-        if len(set(rows.tolist())) == 2 and np.all(dist < 1.5):
+        rows = _split_pair(cat, objs)
+        if rows is not None:
             split += 1
             errs.append([cat["r_flux"][r] / o["f"]["r"] - 1 for r, o in zip(rows, objs)])
             assert res.merged.n_peaks == 2 and cat["deblend_residualPeak"][rows[1]]
