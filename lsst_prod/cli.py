@@ -260,6 +260,13 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(pt)
         if len(report["partial"]) > 50:
             console.print(f"... and {len(report['partial']) - 50} more (see --json)")
+    if report.get("excluded"):
+        et = Table(title="inputs set aside by the quantum itself (what they hold; `restart` keeps them out)")
+        for col in ("quantum", "set aside", "what and why"):
+            et.add_column(col)
+        for e in report["excluded"][:50]:
+            et.add_row(escape(e["quantum_id"]), str(e["n_excluded"]), escape(e["why"][:200]))
+        console.print(et)
     failed = [f for f in report["failures"] if f["status"] == "failed"]
     blocked = [f for f in report["failures"] if f["status"] != "failed"]
     if failed:
@@ -325,7 +332,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for stage, n in metrics.get("left_out", {}).items():
             console.print(f"[yellow]left out[/yellow] {stage}: {n['failed']} failed, {n['blocked']} blocked of "
                           f"{n['quanta']} quanta; {n.get('partial', 0)} ran without {n.get('inputs_left_out', 0)} "
-                          f"of their inputs (metrics cover what exists)")
+                          f"of their inputs" + (f", {n['inputs_excluded']} inputs set aside by the stage"
+                                                if n.get("inputs_excluded") else "") + " (metrics cover what exists)")
     if not args.strict:
         return EXIT_OK
     known = _known_failures(args.known_failures) if args.known_failures else set()

@@ -35,3 +35,20 @@ def test_relcal_zero_point_never_mixes_calibrations():
     assert relcal_zero_point(None, {(1, 0): 32.5}, 1, 0, 31.0) == 32.5
     with pytest.raises(InsufficientInputs, match="left out of the relative calibration"):
         relcal_zero_point(None, {(1, 0): 32.5}, 2, 0, 31.0)
+
+
+def test_relcal_zero_point_of_a_set_aside_detector_visit_is_no_work():
+    from lsst_prod.errors import NoWorkFound
+
+    with pytest.raises(NoWorkFound, match="set aside by relcal"):
+        relcal_zero_point(None, {(1, 0): float("nan"), (1, 1): 32.5}, 1, 0, 31.0)
+    assert relcal_zero_point(None, {(1, 0): float("nan"), (1, 1): 32.5}, 1, 1, 31.0) == 32.5
+
+
+def test_thin_ccdvisits_error_carries_every_id():
+    from lsst_prod.algorithms.relcal_normals import ThinCcdVisits
+    from lsst_prod.errors import AlgorithmError
+
+    e = ThinCcdVisits(np.arange(30), "fewer than 20 stars")
+    assert isinstance(e, AlgorithmError) and len(e.ccdvisit_ids) == 30 and len(e.metadata["ccdvisit_ids"]) == 20
+    assert "30 ccdvisit(s) have fewer than 20 stars" in str(e)

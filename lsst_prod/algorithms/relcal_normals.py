@@ -502,13 +502,23 @@ def schur_solve(
     return SchurResult(theta_c, phi, Ninv, cov_blocks, chi2, has_info, anchored[labels[:K]], used_method)
 
 
+class ThinCcdVisits(AlgorithmError):
+    """Some ccdvisits hold too few usable stars to be calibrated: ``ccdvisit_ids`` (all of them) and
+    ``reason``.  The stage sets them aside and solves again without them."""
+
+    def __init__(self, ccdvisit_ids, reason: str) -> None:
+        ids = [int(i) for i in np.asarray(ccdvisit_ids).ravel()]
+        super().__init__(f"{len(ids)} ccdvisit(s) have {reason}", n_ccdvisits_bad=len(ids), ccdvisit_ids=ids[:20])
+        self.ccdvisit_ids = ids
+        self.reason = reason
+
+
 def check_ccdvisit_counts(normals: PartialNormals, ccdvisit_id: np.ndarray, min_stars: int, what: str) -> None:
-    """AlgorithmError if some ccdvisit has fewer than ``min_stars`` used measurements."""
+    """ThinCcdVisits (an AlgorithmError) if some ccdvisit has fewer than ``min_stars`` used measurements."""
     count = np.rint(normals.ccd_count).astype(np.int64)
     bad = np.flatnonzero(count < min_stars)
     if len(bad):
-        raise AlgorithmError(
-            f"{len(bad)} ccdvisit(s) have fewer than {min_stars} usable stars for the {what} relative calibration",
-            n_stars=int(count[bad].min()), min_stars=int(min_stars), n_ccdvisits_bad=int(len(bad)),
-            ccdvisit_ids=[int(i) for i in np.asarray(ccdvisit_id)[bad][:20]],
-        )  # fmt: skip
+        err = ThinCcdVisits(np.asarray(ccdvisit_id)[bad],
+                            f"fewer than {min_stars} usable stars for the {what} relative calibration")
+        err.metadata.update(n_stars=int(count[bad].min()), min_stars=int(min_stars))
+        raise err

@@ -108,6 +108,13 @@ class RelcalConfig(StageConfig):
                                                  "out): the quantum is blocked (InsufficientInputs)")
     min_reference_stars_per_band: int = Field(5, ge=1, le=1000000,
                                               description="fewer matched reference stars in a band: blocked")
+    min_stars_per_ccdvisit_astrometry: int | None = Field(
+        None, ge=1, le=100000, description="a ccdvisit with fewer stars matched in other visits is set aside "
+                                           "(recorded, left out of warps); default twice the polynomial terms")
+    max_excluded_fraction: float = Field(0.5, ge=0, le=1, description="more ccdvisits than this fraction too thin to "
+                                                                      "calibrate: the quantum fails instead")
+    max_exclusion_rounds: int = Field(5, ge=1, le=100, description="solve again at most this many times after "
+                                                                  "setting thin ccdvisits aside")
 
 
 class WarpConfig(StageConfig):

@@ -287,6 +287,8 @@ def execute_quantum(payload: dict[str, Any], comm: Any = None) -> dict[str, Any]
                 pass
         record["outputs"] = []
     record["summary"] = {**ctx.summary, **verified} if record["outcome"] == "succeeded" else ctx.summary
+    if ctx.excluded:
+        record["summary"] = {**record["summary"], "n_inputs_excluded": len(ctx.excluded), "excluded": ctx.excluded}
     record["log_tail"] = "\n".join(tail.lines)
     return record
 

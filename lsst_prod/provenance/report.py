@@ -77,6 +77,19 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
                           "producer": r.producer, "reason": r.reason} for r in lost],
             "why": _summarise_causes(lost),
         })
+    # inputs each quantum's latest successful attempt set aside itself (data quality, not failures)
+    excluded = []
+    for q in qrows:
+        tries = per_quantum.get(q.quantum_id, [])
+        if not tries or q.status != "succeeded" or not tries[-1].summary:
+            continue
+        ex = json.loads(tries[-1].summary).get("excluded") or []
+        if ex:
+            s_ = stages[q.stage]
+            s_["excluded"] = s_.get("excluded", 0) + len(ex)
+            excluded.append({"quantum_id": q.quantum_id, "stage": q.stage,
+                             "data_id": DataId.from_key(q.data_id).to_dict(), "n_excluded": len(ex),
+                             "excluded": ex, "why": _summarise_exclusions(ex)})
     failures = []
     for q in qrows:
         if q.status in ("failed", "blocked"):
@@ -109,10 +122,12 @@ def build_report(repo: Repository, run: str, with_quanta: bool = True) -> dict[s
         "stages": stages,
         "failures": failures,
         "partial": partial,
+        "excluded": excluded,
     }
     report["totals"]["attempts"] = len(arows)
     report["totals"]["partial"] = len(partial)
     report["totals"]["inputs_left_out"] = sum(p["n_left_out"] for p in partial)
+    report["totals"]["inputs_excluded"] = sum(e["n_excluded"] for e in excluded)
     report["complete"] = report["totals"]["quanta"] == report["totals"]["succeeded"] + report["totals"]["nowork"]
     if with_quanta:
         report["quanta"] = [
@@ -178,6 +193,15 @@ def _summarise_causes(rows) -> str:
         by_cause[key][r.dataset_type] += 1
     return "; ".join(", ".join(f"{n} {t}" for t, n in types.items()) + f" ({cause})"
                      for cause, types in by_cause.items())
+
+
+def _summarise_exclusions(items: list[dict[str, Any]]) -> str:
+    """'3 source (fewer than 20 matched stars for the astrometric fit)' from a summary's ``excluded``."""
+    by_reason: dict[str, Counter] = defaultdict(Counter)
+    for x in items:
+        by_reason[str(x.get("reason") or "?")][str(x.get("dataset_type") or "?")] += 1
+    return "; ".join(", ".join(f"{n} {t}" for t, n in types.items()) + f" ({reason})"
+                     for reason, types in by_reason.items())
 
 
 def _aggregate_summaries(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,8 @@ _TYPES = [
     DatasetType("ccdVisit", ("instrument", "visit", "detector"), "parquet", "CcdVisit row(s)"),
     # global relative calibration
     DatasetType("relcal_solution", ("instrument",), "parquet", "per visit/detector relative zero points and astrometric corrections"),
+    DatasetType("relcal_stars", ("instrument",), "parquet",
+                "relcal's astrometric stars: position at a reference epoch, proper motion, parallax"),
     DatasetType("source_calibrated", ("instrument", "visit", "detector"), "parquet",
                 "Source table with relatively calibrated fluxes and positions"),
     DatasetType("visitSummary", ("instrument", "visit"), "parquet", "Visit row and per-detector summaries"),

@@ -63,6 +63,10 @@ class QuantumContext:
     extra: dict[str, Any] = field(default_factory=dict)  # campaign context: sky map config, bands
     outputs: list[DatasetRef] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: inputs the stage itself set aside for what they contain (too few stars...), as opposed to
+    #: ``left_out`` (their producer failed): recorded in the attempt's summary, shown by ``report``;
+    #: ``restart`` does not re-run the quantum for them (the same data would be set aside again)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
     def input_ref(self, dataset_type: str, data_id: Mapping[str, Any] | None = None) -> DatasetRef:
         """The ref of one input; ``data_id`` may be omitted when there is one of that type."""
@@ -82,6 +86,10 @@ class QuantumContext:
         """Inputs planned for this quantum that it runs without (their producers failed):
         ``[{"dataset_type", "data_id", "producer", "reason"}]`` (empty for a complete quantum)."""
         return list(self.extra.get("left_out") or [])
+
+    def exclude(self, dataset_type: str, data_id: Mapping[str, Any], reason: str) -> None:
+        """Record that this quantum ran without one of its inputs because of what it holds."""
+        self.excluded.append({"dataset_type": dataset_type, "data_id": DataId(data_id).to_dict(), "reason": reason})
 
     def inputs_of(self, dataset_type: str) -> list[DatasetRef]:
         return sorted((ref for (t, _), ref in self.inputs.items() if t == dataset_type), key=lambda r: r.data_id)

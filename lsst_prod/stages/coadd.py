@@ -102,7 +102,11 @@ class WarpStage(Stage):
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
             det = int(ref.data_id["detector"])
-            zp = relcal_zero_point(ctx, zps, int(ctx.data_id["visit"]), det, float(exp.metadata["MAGZERO"]))
+            try:
+                zp = relcal_zero_point(ctx, zps, int(ctx.data_id["visit"]), det, float(exp.metadata["MAGZERO"]))
+            except NoWorkFound as e:  # set aside by relcal: the other detectors still make the warp
+                ctx.exclude("calexp", ref.data_id, str(e))
+                continue
             njy_per_e = 10 ** (-0.4 * (zp - 31.4))
             try:
                 w = warp_exposure(exp.image, exp.variance, exp.mask, wcs_from_header(exp.wcs_header), dst_wcs,

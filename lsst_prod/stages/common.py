@@ -129,7 +129,8 @@ def diffraction_pixels(cfg, band: str, pixel_scale_arcsec: float) -> tuple[float
 def relcal_zero_point(ctx, zps: dict[tuple[int, int], float], visit: int, detector: int, fallback: float) -> float:
     """The relcal zero point of (visit, detector); ``fallback`` (the calexp's) when the quantum reads
     no relcal_solution; InsufficientInputs when it does but relcal left that band out (too few
-    visits): a release never mixes calibrations silently."""
+    visits); NoWorkFound when relcal set that detector-visit aside (too few stars; its row has a NaN
+    zero point): a release never mixes calibrations silently."""
     if not zps:
         return fallback
     if (visit, detector) not in zps:
@@ -138,7 +139,13 @@ def relcal_zero_point(ctx, zps: dict[tuple[int, int], float], visit: int, detect
         raise InsufficientInputs(f"relcal_solution has no zero point for visit {visit} detector {detector} "
                                  f"(its band was left out of the relative calibration: too few visits)",
                                  visit=visit, detector=detector)
-    return zps[(visit, detector)]
+    zp = zps[(visit, detector)]
+    if not math.isfinite(zp):
+        from ..errors import NoWorkFound
+
+        raise NoWorkFound(f"visit {visit} detector {detector} was set aside by relcal (too few usable stars "
+                          f"to calibrate it): not part of the release")
+    return zp
 
 
 def relcal_zero_points(ctx) -> dict[tuple[int, int], float]:

@@ -41,6 +41,7 @@ from ..algorithms.relcal import (
     select_good_sources,
 )
 from ..config.stages import RelcalConfig
+from ..algorithms.relcal_normals import ThinCcdVisits
 from ..errors import AlgorithmError, InsufficientInputs
 from ..repo import DataId
 from ..repo.formats import read_columns, read_parquet, table_columns, table_from_columns, write_parquet
@@ -111,7 +112,7 @@ class RelcalStage(Stage):
     name = "relcal"
     dimensions = ("instrument",)
     input_types = ("source", "ccdVisit", "refcat")
-    output_types = ("relcal_solution", "source_calibrated")
+    output_types = ("relcal_solution", "relcal_stars", "source_calibrated")
     # runs on the detector-visits that succeeded; per band it also needs min_visits_per_band visits
     # and min_reference_stars_per_band matched reference stars (InsufficientInputs otherwise)
     gather = {"source": 2, "ccdVisit": 2}
@@ -124,7 +125,8 @@ class RelcalStage(Stage):
             return []
         instrument = ctx.instrument
         inputs = [("source", d) for _, d in ccd_keys] + [("ccdVisit", d) for _, d in ccd_keys] + [("refcat", DataId())]
-        outputs = [("relcal_solution", DataId(instrument=instrument))] + [("source_calibrated", d) for _, d in ccd_keys]
+        outputs = [("relcal_solution", DataId(instrument=instrument)), ("relcal_stars", DataId(instrument=instrument))] \
+            + [("source_calibrated", d) for _, d in ccd_keys]
         return [QuantumSpec(self.name, DataId(instrument=instrument), tuple(inputs), tuple(outputs))]
 
     def run_quantum(self, ctx: QuantumContext) -> None:
@@ -134,11 +136,51 @@ class RelcalStage(Stage):
         allreduce = _allreduce_sum(comm)
 
         # --- the global ccdvisit table (every rank reads the small ccdVisit rows)
-        ccd_rows = [read_columns(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
-        order = np.argsort([int(c["ccdVisitId"][0]) for c in ccd_rows], kind="stable")
-        ccd_rows = [ccd_rows[i] for i in order]
+        all_rows = [read_columns(ctx.repo.path_of(r)) for r in ctx.inputs_of("ccdVisit")]
+        order = np.argsort([int(c["ccdVisitId"][0]) for c in all_rows], kind="stable")
+        all_rows = [all_rows[i] for i in order]
+        src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
+        ref = read_columns(ctx.input_path("refcat"))
+        cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        # ccdvisits set aside because they hold too few usable stars (ccdVisitId -> reason): the
+        # calibration is solved again without them, so one thin ccdvisit never stops the release
+        thin: dict[int, str] = {}
+        min_astrom = (cfg.min_stars_per_ccdvisit_astrometry
+                      or 2 * (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2)
+        for _ in range(cfg.max_exclusion_rounds + 1):
+            ccd_rows = [c for c in all_rows if int(c["ccdVisitId"][0]) not in thin]
+            try:
+                solved = self._solve(ctx, cfg, comm, allreduce, ccd_rows, src_refs, ref, cache, min_astrom)
+            except ThinCcdVisits as e:
+                if not e.ccdvisit_ids or len(thin) + len(e.ccdvisit_ids) > cfg.max_excluded_fraction * len(all_rows):
+                    raise
+                thin.update({int(i): e.reason for i in e.ccdvisit_ids})
+                if ctx.log is not None:
+                    ctx.log.warning("[%s] %d ccdvisit(s) set aside (%s); solving again without them", ctx.data_id,
+                                    len(e.ccdvisit_ids), e.reason)
+                continue
+            break
+        else:
+            raise AlgorithmError(f"the set of usable ccdvisits did not settle after {cfg.max_exclusion_rounds} rounds "
+                                 f"of setting aside thin ones ({len(thin)} set aside)", n_set_aside=len(thin))
+        for c in all_rows:
+            cid = int(c["ccdVisitId"][0])
+            if cid in thin:
+                did = DataId(instrument=ctx.data_id["instrument"], visit=int(c["visitId"][0]),
+                             detector=int(c["detector"][0]))
+                for dtype in ("source", "ccdVisit"):
+                    ctx.exclude(dtype, did, thin[cid])
+        if thin:
+            ctx.summary["n_ccdvisits_set_aside"] = len(thin)
+        self._write(ctx, cfg, comm, solved, [c for c in all_rows if int(c["ccdVisitId"][0]) in thin], thin)
+
+    def _solve(self, ctx, cfg: RelcalConfig, comm, allreduce, ccd_rows, src_refs, ref, cache,
+               min_astrom: int) -> dict[str, Any]:
+        """One solution on ``ccd_rows``; ThinCcdVisits when some ccdvisit has too few usable stars."""
+        rank, size = comm.Get_rank(), comm.Get_size()
         short = _bands_below_minimum(ctx, np.array([str(c["band"][0]) for c in ccd_rows]),
                                      [int(c["visitId"][0]) for c in ccd_rows], cfg.min_visits_per_band)
+        ctx.summary.pop("bands_left_out", None)
         if short:
             ccd_rows = [c for c in ccd_rows if str(c["band"][0]) not in short]
             ctx.summary["bands_left_out"] = ",".join(f"{b}:{n}_visits" for b, n in short.items())
@@ -152,14 +194,15 @@ class RelcalStage(Stage):
                        np.array([float(c["ra"][0]) for c in ccd_rows]), np.array([float(c["dec"][0]) for c in ccd_rows]),
                        np.array([int(c["xSize"][0]) for c in ccd_rows]), np.array([int(c["ySize"][0]) for c in ccd_rows]),
                        10 ** (-0.4 * (zp_sf - 31.4)))
-        src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
         keys = [(int(c["visitId"][0]), int(c["detector"][0])) for c in ccd_rows]
         mine = [k for k in range(len(keys)) if k % size == rank]
 
         # --- this rank's sources and its good stars
         local = {name: [] for name in SOURCE_COLUMNS + ("k",)}
         for k in mine:
-            s = read_columns(ctx.repo.path_of(src_refs[keys[k]]), list(SOURCE_COLUMNS))
+            if keys[k] not in cache:
+                cache[keys[k]] = read_columns(ctx.repo.path_of(src_refs[keys[k]]), list(SOURCE_COLUMNS))
+            s = cache[keys[k]]
             for name in SOURCE_COLUMNS:
                 local[name].append(s[name])
             local["k"].append(np.full(len(s["x"]), k))
@@ -172,7 +215,6 @@ class RelcalStage(Stage):
 
         # --- matching on rank 0 over everybody's good rows; global index spaces broadcast
         gathered = comm.gather((S["k"][rows], S["ra"][rows], S["dec"][rows]), root=0)
-        ref = read_columns(ctx.input_path("refcat"))
         if rank == 0:
             gk = np.concatenate([g[0] for g in gathered])
             gra = np.concatenate([g[1] for g in gathered])
@@ -189,6 +231,11 @@ class RelcalStage(Stage):
         match, all_k, all_star = shared["match"], shared["all_k"], shared["all_star"]
         if match.n_stars == 0:
             raise AlgorithmError("no star observed twice", n_good_sources=int(len(all_k)))
+        # ccdvisits with too few stars matched across visits cannot be tied to the others: set aside
+        n_matched = np.bincount(all_k[all_star >= 0], minlength=len(cv_ids))
+        few = np.flatnonzero(n_matched < min_astrom)
+        if len(few):
+            raise ThinCcdVisits(cv_ids[few], f"fewer than {min_astrom} stars matched in other visits")
         used = star_of_rows >= 0
         R = rows[used]
         sidx = star_of_rows[used]
@@ -245,8 +292,19 @@ class RelcalStage(Stage):
         apart = make_astrometric_part(cv, stars, pairs, S["k"][R], sidx, S["x"][R], S["y"][R], S["ra"][R],
                                       S["dec"][R], S["raErr"][R], S["decErr"][R], order=cfg.astrometry_order,
                                       error_floor_mas=cfg.astrometry_error_floor_mas)
-        asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce)
+        asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce,
+                              min_stars_per_ccdvisit=min_astrom)
+        return {"cv_ids": cv_ids, "zp_sf": zp_sf, "zp": zp, "zp_err": zp_err, "bands": bands, "keys": keys,
+                "mine": mine, "n_stars_phot": n_stars_phot, "phot_summary": phot_summary, "asol": asol,
+                "match": match, "ref": ref}
 
+    def _write(self, ctx: QuantumContext, cfg: RelcalConfig, comm, solved: dict[str, Any], aside_rows: list,
+               thin: dict[int, str]) -> None:
+        rank, size = comm.Get_rank(), comm.Get_size()
+        cv_ids, zp_sf, zp, zp_err = solved["cv_ids"], solved["zp_sf"], solved["zp"], solved["zp_err"]
+        bands, keys, mine, asol = solved["bands"], solved["keys"], solved["mine"], solved["asol"]
+        n_stars_phot, phot_summary, match = solved["n_stars_phot"], solved["phot_summary"], solved["match"]
+        src_refs = {(int(r.data_id["visit"]), int(r.data_id["detector"])): r for r in ctx.inputs_of("source")}
         # --- outputs: each rank writes its ccdvisits' calibrated Source tables
         refs = []
         for k in mine:
@@ -275,18 +333,32 @@ class RelcalStage(Stage):
 
             ctx.outputs = [DatasetRef.from_dict(r) for group in all_refs for r in group]
             corr_rows = [asol.correction(k) for k in range(len(cv_ids))]
+            # the ccdvisits set aside keep a row (NaN zero point, the reason): warps leave them out and
+            # their forced photometry has no work, instead of mixing in an uncalibrated detector
+            na = len(aside_rows)
+            zp_sf_aside = np.array([float(c["zeroPoint"][0]) for c in aside_rows])
             sol_cols = {
-                "ccdVisitId": cv_ids, "visit": np.array([k[0] for k in keys]), "detector": np.array([k[1] for k in keys]),
-                "band": bands, "zeroPointSingleFrame": zp_sf, "zeroPoint": zp, "zeroPointErr": zp_err,
-                "zeroPointOffset": zp - zp_sf, "nStarsPhotometry": n_stars_phot,
-                "nStarsAstrometry": np.asarray(asol.ccdvisit_n_stars), "astromOrder": np.full(len(cv_ids), asol.order),
-                "astromCorrection": np.array([json.dumps(_corr_dict(c)) for c in corr_rows]),
+                "ccdVisitId": np.concatenate([cv_ids, [int(c["ccdVisitId"][0]) for c in aside_rows]]).astype(np.int64),
+                "visit": np.array([k[0] for k in keys] + [int(c["visitId"][0]) for c in aside_rows], np.int64),
+                "detector": np.array([k[1] for k in keys] + [int(c["detector"][0]) for c in aside_rows], np.int64),
+                "band": np.concatenate([bands, [str(c["band"][0]) for c in aside_rows]]).astype(str),
+                "zeroPointSingleFrame": np.concatenate([zp_sf, zp_sf_aside]),
+                "zeroPoint": np.concatenate([zp, np.full(na, np.nan)]),
+                "zeroPointErr": np.concatenate([zp_err, np.full(na, np.nan)]),
+                "zeroPointOffset": np.concatenate([zp - zp_sf, np.full(na, np.nan)]),
+                "nStarsPhotometry": np.concatenate([n_stars_phot, np.zeros(na, int)]),
+                "nStarsAstrometry": np.concatenate([np.asarray(asol.ccdvisit_n_stars), np.zeros(na, int)]),
+                "astromOrder": np.full(len(cv_ids) + na, asol.order),
+                "astromCorrection": np.array([json.dumps(_corr_dict(c)) for c in corr_rows] + [""] * na),
+                "setAside": np.array([""] * len(cv_ids) + [thin[int(c["ccdVisitId"][0])] for c in aside_rows]),
             }
             table = table_from_columns(sol_cols, {"zeroPoint": "mag", "zeroPointSingleFrame": "mag",
                                                   "zeroPointErr": "mag", "zeroPointOffset": "mag"},
                                        {"release_id": ctx.release_id, "photometry": phot_summary,
                                         "astrometry": asol.to_dict()})
             ctx.put("relcal_solution", lambda p: write_parquet(p, table), DataId(instrument=ctx.data_id["instrument"]))
+            stars = _star_table(asol, match, solved["ref"])
+            ctx.put("relcal_stars", lambda p: write_parquet(p, stars), DataId(instrument=ctx.data_id["instrument"]))
             ctx.summary.update(
                 n_ccdvisits=int(len(cv_ids)), n_stars=int(match.n_stars),
                 n_reference_stars=int(match.n_reference_stars), mpi_ranks=size,
@@ -295,6 +367,29 @@ class RelcalStage(Stage):
                 astrom_rms_mas=float(asol.rms_mas), astrom_chi2_dof=float(asol.chi2 / max(asol.dof, 1)),
                 zp_offset_rms_mmag=float(1000 * np.std(zp - zp_sf)),
             )
+
+
+def _star_table(asol, match, ref: dict[str, np.ndarray]):
+    """``relcal_stars``: every star of the astrometric solution (position at ``epochMjd``, proper motion,
+    parallax, their errors): forced photometry measures moving stars where they are at each epoch."""
+    ok = np.isfinite(asol.star_ra) & np.isfinite(asol.star_dec) & np.isfinite(asol.star_pmra) \
+        & np.isfinite(asol.star_pmdec) & (np.asarray(asol.star_n_measurements) > 0)
+    idx = np.flatnonzero(ok)
+    ref_row = np.asarray(match.star_ref_index)[idx]
+    ref_ids = np.asarray(ref.get("ref_id", np.arange(len(ref["ra"]))), np.int64)
+    cols = {
+        "starId": idx.astype(np.int64), "ra": np.asarray(asol.star_ra)[idx], "dec": np.asarray(asol.star_dec)[idx],
+        "pmRa": np.asarray(asol.star_pmra)[idx], "pmDec": np.asarray(asol.star_pmdec)[idx],
+        "parallax": np.asarray(asol.star_parallax)[idx], "epochMjd": np.full(len(idx), float(asol.epoch_mjd)),
+        "raErr": np.asarray(asol.star_pos_err)[idx, 0], "decErr": np.asarray(asol.star_pos_err)[idx, 1],
+        "pmRaErr": np.asarray(asol.star_pm_err)[idx, 0], "pmDecErr": np.asarray(asol.star_pm_err)[idx, 1],
+        "nMeasurements": np.asarray(asol.star_n_measurements)[idx].astype(np.int64),
+        "refId": np.where(ref_row >= 0, ref_ids[np.maximum(ref_row, 0)], -1).astype(np.int64),
+    }
+    units = {"ra": "deg", "dec": "deg", "pmRa": "mas/yr", "pmDec": "mas/yr", "parallax": "mas", "epochMjd": "d",
+             "raErr": "mas", "decErr": "mas", "pmRaErr": "mas/yr", "pmDecErr": "mas/yr"}
+    return table_from_columns(cols, units, {"epoch_mjd": float(asol.epoch_mjd),
+                                            "description": "relcal astrometric stars; pmRa includes cos(dec)"})
 
 
 def _corr_dict(c: AstrometricCorrection) -> dict[str, Any]:

@@ -50,15 +50,29 @@ def _partial(repo: Repository, run: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _excluded(repo: Repository, run: str) -> dict[str, int]:
+    """Per stage: inputs its quanta set aside themselves (too few stars...), from the attempts' summaries."""
+    from ..provenance.report import build_report
+
+    try:
+        report = build_report(repo, run, with_quanta=False)
+    except (KeyError, sa.exc.OperationalError):
+        return {}
+    return {stage: int(s["excluded"]) for stage, s in report["stages"].items() if s.get("excluded")}
+
+
 def left_out_quanta(repo: Repository, run: str) -> dict[str, dict[str, int]]:
-    """Per stage with any: {"failed": n, "blocked": n, "partial": n, "inputs_left_out": n, "quanta": total}:
-    quanta that produced nothing, and gather quanta that ran without some of their inputs
+    """Per stage with any: {"failed": n, "blocked": n, "partial": n, "inputs_left_out": n,
+    "inputs_excluded": n, "quanta": total}: quanta that produced nothing, gather quanta that ran
+    without some of their inputs, and inputs a quantum set aside itself for what they hold
     (stages with none are omitted)."""
     out = {}
     partial = _partial(repo, run)
+    excluded = _excluded(repo, run)
     for stage, by in sorted(_counts(repo, run).items()):
         lo = {s: int(by.get(s, 0)) for s in LEFT_OUT_STATUSES}
         lo.update(partial.get(stage, {"partial": 0, "inputs_left_out": 0}))
+        lo["inputs_excluded"] = excluded.get(stage, 0)
         if any(lo.values()):
             out[stage] = {**lo, "quanta": int(sum(by.values()))}
     return out

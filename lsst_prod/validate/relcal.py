@@ -43,6 +43,8 @@ def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str
     for ref in sols:
         s = read_columns(repo.path_of(ref))
         for v, d, zr, zs in zip(s["visit"], s["detector"], s["zeroPoint"], s["zeroPointSingleFrame"]):
+            if not np.isfinite(zr):  # set aside by relcal (too few stars)
+                continue
             zp_rel.append(zr)
             zp_sf.append(zs)
             zp_true.append(truth["zero_point"][tkey[(int(v), int(d))]])
