@@ -46,6 +46,7 @@ from .relcal_normals import (
     check_ccdvisit_counts,
     normalised_pixels,
     poly_basis,
+    poly_terms,
     schur_solve,
 )
 
@@ -369,6 +370,8 @@ class AstrometricSolution:
     n_iterations: int = 1
     clipped: np.ndarray | None = field(default=None, repr=False)
     method: str = ""
+    #: per ccdvisit: too few stars for the full polynomial, terms above order 1 held at 0
+    ccdvisit_reduced: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def reduced_chi2(self) -> float:
@@ -428,13 +431,19 @@ def solve_astrometric(
     pm_prior_mas_yr: float = 100.0,
     coeff_prior_mas: float = 1000.0,
     min_stars_per_ccdvisit: int | None = None,
+    min_stars_linear: int | None = None,
+    reduced_prior_mas: float = 1.0,
     method: str = "auto",
     compute_errors: bool = False,
 ) -> AstrometricSolution:
     """Solve for the ccdvisit corrections and the star positions/proper motions.
 
-    Raises :class:`~lsst_prod.errors.AlgorithmError` if a ccdvisit has fewer than
-    ``min_stars_per_ccdvisit`` (default: twice the number of polynomial terms) used stars.
+    A ccdvisit with fewer than ``min_stars_per_ccdvisit`` (default: twice the number of
+    polynomial terms) used stars cannot constrain the full polynomial: its terms above order 1
+    are held at 0 by a prior of ``reduced_prior_mas`` (its single-frame distortion is kept), so
+    it is still calibrated by an offset and a linear map.  Raises :class:`ThinCcdVisits` (an
+    AlgorithmError) if a ccdvisit has fewer than ``min_stars_linear`` stars (default twice the 3
+    terms of order 1, at most ``min_stars_per_ccdvisit``; at order <= 1 that minimum alone).
     ``compute_errors``: marginal coefficient errors (costly for the sparse path).
     """
     L = normals.layout
@@ -443,10 +452,18 @@ def solve_astrometric(
     order = int(round((np.sqrt(8 * nt + 1) - 3) / 2))
     if K != len(ccdvisits) or S != len(stars):
         raise ValueError("normals, ccdvisit table and star table disagree in size")
-    check_ccdvisit_counts(normals, ccdvisits.ccdvisit_id, min_stars_per_ccdvisit or 2 * nt, "astrometric")
+    full_min = min_stars_per_ccdvisit or 2 * nt
+    linear_terms = len(poly_terms(1))
+    reduced_min = min(full_min, min_stars_linear or 2 * linear_terms) if order > 1 else full_min
+    check_ccdvisit_counts(normals, ccdvisits.ccdvisit_id, reduced_min, "astrometric")
+    prior = np.full((K, p), 1.0 / coeff_prior_mas**2)
+    reduced = np.rint(normals.ccd_count) < full_min
+    if order > 1 and reduced.any():
+        high = np.array([p_ + q_ > 1 for p_, q_ in poly_terms(order)] * 2)
+        prior[np.ix_(reduced, high)] = 1.0 / reduced_prior_mas**2
     info, vec, prior_rows = _star_priors(stars, pm_prior_mas_yr)
     has_ref = np.isfinite(stars.ref_pos_err).all(axis=1) & (normals.star_count > 0)
-    res = schur_solve(normals, ccd_prior_info=np.full((K, p), 1.0 / coeff_prior_mas**2), star_prior_matrix=info,
+    res = schur_solve(normals, ccd_prior_info=prior, star_prior_matrix=info,
                       star_prior_vector=vec, star_anchor=has_ref, method=method, ccd_cov=compute_errors)
     observed = normals.star_count > 0
     phi = res.star_params
@@ -460,7 +477,8 @@ def solve_astrometric(
     pos_err = np.sqrt(np.stack([cov[:, 0, 0], cov[:, 1, 1]], axis=1)) * nan[:, None]
     pm_err = np.sqrt(np.stack([cov[:, 2, 2], cov[:, 3, 3]], axis=1)) * nan[:, None]
     n_meas = normals.n_measurements
-    dof = int(2 * n_meas + 4 * has_ref.sum() - K * p - 4 * observed.sum())
+    held = int(reduced.sum()) * (p - 2 * linear_terms) if order > 1 else 0  # terms held at 0 by their prior
+    dof = int(2 * n_meas + 4 * has_ref.sum() - K * p + held - 4 * observed.sum())
     x0, y0, scale = ccdvisits.pixel_normalisation()
     coeffs_err = None
     if res.ccd_cov is not None:
@@ -469,6 +487,7 @@ def solve_astrometric(
         order=order, epoch_mjd=stars.epoch_mjd, ccdvisit_id=ccdvisits.ccdvisit_id.copy(),
         coeffs_xi=res.ccd_params[:, :nt], coeffs_eta=res.ccd_params[:, nt:], coeffs_err=coeffs_err,
         center_ra=ccdvisits.center_ra.copy(), center_dec=ccdvisits.center_dec.copy(), x0=x0, y0=y0, scale=scale,
+        ccdvisit_reduced=reduced if order > 1 else np.zeros(K, bool),
         ccdvisit_n_stars=np.rint(normals.ccd_count).astype(np.int64), ccdvisit_tied_to_reference=res.ccd_tied,
         star_ra=ra * nan, star_dec=dec * nan, star_pmra=(stars.pmra + phi[:, 2]) * nan,
         star_pmdec=(stars.pmdec + phi[:, 3]) * nan, star_parallax=stars.parallax.copy(), star_pos_err=pos_err,

@@ -110,7 +110,9 @@ class RelcalConfig(StageConfig):
                                               description="fewer matched reference stars in a band: blocked")
     min_stars_per_ccdvisit_astrometry: int | None = Field(
         None, ge=1, le=100000, description="a ccdvisit with fewer stars matched in other visits is set aside "
-                                           "(recorded, left out of warps); default twice the polynomial terms")
+                                           "(recorded, left out of warps); default 6 (an order-1 correction). "
+                                           "With fewer than twice the polynomial's terms, its correction is held "
+                                           "at order 1")
     max_excluded_fraction: float = Field(0.5, ge=0, le=1, description="more ccdvisits than this fraction too thin to "
                                                                       "calibrate: the quantum fails instead")
     max_exclusion_rounds: int = Field(5, ge=1, le=100, description="solve again at most this many times after "

@@ -145,8 +145,11 @@ class RelcalStage(Stage):
         # ccdvisits set aside because they hold too few usable stars (ccdVisitId -> reason): the
         # calibration is solved again without them, so one thin ccdvisit never stops the release
         thin: dict[int, str] = {}
-        min_astrom = (cfg.min_stars_per_ccdvisit_astrometry
-                      or 2 * (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2)
+        # below this a ccdvisit is set aside; between it and twice the polynomial's terms its correction is
+        # held at order 1 (offset and linear map: 3 terms per axis).  A minimum the campaign sets is used
+        # as given, even above twice the terms
+        n_terms = (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2
+        min_astrom = cfg.min_stars_per_ccdvisit_astrometry or 2 * min(3, n_terms)
         for _ in range(cfg.max_exclusion_rounds + 1):
             ccd_rows = [c for c in all_rows if int(c["ccdVisitId"][0]) not in thin]
             try:
@@ -293,7 +296,7 @@ class RelcalStage(Stage):
                                       S["dec"][R], S["raErr"][R], S["decErr"][R], order=cfg.astrometry_order,
                                       error_floor_mas=cfg.astrometry_error_floor_mas)
         asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce,
-                              min_stars_per_ccdvisit=min_astrom)
+                              min_stars_linear=min_astrom)
         return {"cv_ids": cv_ids, "zp_sf": zp_sf, "zp": zp, "zp_err": zp_err, "bands": bands, "keys": keys,
                 "mine": mine, "n_stars_phot": n_stars_phot, "phot_summary": phot_summary, "asol": asol,
                 "match": match, "ref": ref}
@@ -348,7 +351,8 @@ class RelcalStage(Stage):
                 "zeroPointOffset": np.concatenate([zp - zp_sf, np.full(na, np.nan)]),
                 "nStarsPhotometry": np.concatenate([n_stars_phot, np.zeros(na, int)]),
                 "nStarsAstrometry": np.concatenate([np.asarray(asol.ccdvisit_n_stars), np.zeros(na, int)]),
-                "astromOrder": np.full(len(cv_ids) + na, asol.order),
+                "astromOrder": np.concatenate([np.where(asol.ccdvisit_reduced, min(1, asol.order), asol.order),
+                                               np.full(na, -1)]).astype(np.int64),
                 "astromCorrection": np.array([json.dumps(_corr_dict(c)) for c in corr_rows] + [""] * na),
                 "setAside": np.array([""] * len(cv_ids) + [thin[int(c["ccdVisitId"][0])] for c in aside_rows]),
             }
@@ -366,6 +370,7 @@ class RelcalStage(Stage):
                 phot_chi2_dof=float(np.median([v["chi2"] / max(v["dof"], 1) for v in phot_summary.values()])),
                 astrom_rms_mas=float(asol.rms_mas), astrom_chi2_dof=float(asol.chi2 / max(asol.dof, 1)),
                 zp_offset_rms_mmag=float(1000 * np.std(zp - zp_sf)),
+                n_ccdvisits_astrometry_order1=int(np.sum(asol.ccdvisit_reduced)),
             )
 
 
