@@ -59,7 +59,7 @@ import numpy as np
 from scipy import ndimage
 
 from lsst_prod.algorithms import masks
-from lsst_prod.algorithms.footprints import Footprints
+from lsst_prod.algorithms.footprints import Footprints, split_footprints
 from lsst_prod.algorithms.interpolate import group_windows
 
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -129,13 +129,22 @@ def _local_maxima(smooth: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndar
     return ok
 
 
-def _select_peaks(smooth, sig, inside, sl, cand_idx, py, px, min_sep, saddle_sigma, saddle_fraction):
+def _select_peaks(smooth, sig, inside, sl, cand_idx, py, px, min_sep, saddle_sigma, saddle_fraction, half):
     """Accepted candidate indices within one footprint (slice ``sl``, pixels ``inside``).
 
-    Candidates are sorted by S, brightest first.
+    Candidates are sorted by S, brightest first.  The saddle test labels the candidate's component of
+    ``S > S_peak - depth`` in a (2 half + 1)^2 window first; only when that component reaches the
+    window's edge without meeting an accepted peak is the whole footprint labelled (the same answer:
+    a component that meets a peak inside the window meets it in the footprint).  Labelling the whole
+    footprint for every candidate cost O(peaks x area): 3.5 s (0.7 s windowed) for a 630,000-pixel
+    footprint with 445 peaks of a crowded field in 2" seeing.
     """
     accepted = [cand_idx[0]]
     sub = smooth[sl]
+    oy, ox = sl[0].start, sl[1].start
+    ny, nx = sub.shape
+    kept = np.zeros(sub.shape, bool)
+    kept[py[cand_idx[0]] - oy, px[cand_idx[0]] - ox] = True
     for c in cand_idx[1:]:
         ay, ax = py[accepted], px[accepted]
         if np.min(np.hypot(ay - py[c], ax - px[c])) < min_sep:
@@ -143,11 +152,20 @@ def _select_peaks(smooth, sig, inside, sl, cand_idx, py, px, min_sep, saddle_sig
         s_peak = smooth[py[c], px[c]]
         sigma_s = s_peak / sig[py[c], px[c]] if sig[py[c], px[c]] > 0 else 0.0
         depth = max(saddle_sigma * sigma_s, saddle_fraction * s_peak)
-        lab, _ = ndimage.label(inside & (sub > s_peak - depth), structure=_EIGHT)
-        own = lab[py[c] - sl[0].start, px[c] - sl[1].start]
-        if np.any(lab[ay - sl[0].start, ax - sl[1].start] == own):
+        cy, cx = py[c] - oy, px[c] - ox
+        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half + 1, ny), max(cx - half, 0), min(cx + half + 1, nx)
+        lab, _ = ndimage.label(inside[y0:y1, x0:x1] & (sub[y0:y1, x0:x1] > s_peak - depth), structure=_EIGHT)
+        own = lab == lab[cy - y0, cx - x0]
+        if np.any(own & kept[y0:y1, x0:x1]):
             continue
+        edge = ((y0 > 0) and own[0].any()) or ((y1 < ny) and own[-1].any()) or \
+               ((x0 > 0) and own[:, 0].any()) or ((x1 < nx) and own[:, -1].any())
+        if edge:
+            lab, _ = ndimage.label(inside & (sub > s_peak - depth), structure=_EIGHT)
+            if np.any(kept & (lab == lab[cy, cx])):
+                continue
         accepted.append(c)
+        kept[cy, cx] = True
     return accepted
 
 
@@ -232,6 +250,8 @@ def detect_sources(
     saddle_fraction: float = 0.01,
     set_mask: bool = True,
     peak_smoothing: float | None = None,
+    max_footprint_peaks: int | None = None,
+    link_fwhm: float = 1.5,
 ) -> Footprints:
     """Detect positive sources; returns :class:`Footprints`.
 
@@ -259,6 +279,12 @@ def detect_sources(
         None: peaks on the matched-filter image (legacy).  A number s >= 0: peaks on the
         image smoothed by a Gaussian of s * ``psf_sigma_pix``, kept by their prominence
         over the saddles (module docstring).
+    max_footprint_peaks, link_fwhm:
+        None (default): footprints are the connected regions.  A number: a footprint with more peaks
+        is split into footprints of at most this many, its peaks grouped friends-of-friends within
+        ``link_fwhm`` FWHM and its pixels shared by the dominant peak
+        (:func:`~lsst_prod.algorithms.footprints.split_footprints`): in a crowded field at bad
+        seeing the grown footprints percolate over most of the image.
     """
     smooth, sig = significance_image(image, variance, mask, psf_sigma_pix)
     above = sig > threshold
@@ -294,6 +320,7 @@ def detect_sources(
     if min_separation_fwhm is None:
         min_separation_fwhm = 1.0 if peak_smoothing is None else 0.75
     min_sep = min_separation_fwhm * _FWHM_PER_SIGMA * psf_sigma_pix
+    half_legacy = int(np.ceil(3 * _FWHM_PER_SIGMA * psf_sigma_pix)) + 2
     if peak_smoothing is not None:
         pv = rank[py, px].astype(np.float64)
         delta = np.maximum(saddle_sigma * np.sqrt(2.0) * sigma_p[py, px], saddle_fraction * np.abs(pv))
@@ -313,7 +340,7 @@ def detect_sources(
             inside = labels[slices[k]] == k + 1
             if peak_smoothing is None:
                 keep.extend(_select_peaks(smooth, sig, inside, slices[k], idx, py, px, min_sep, saddle_sigma,
-                                          saddle_fraction))
+                                          saddle_fraction, half_legacy))
             else:
                 keep.extend(_select_prominent(rank, delta, inside, slices[k], idx, py, px, min_sep, half))
     keep_a = np.array(keep, dtype=np.int64)
@@ -327,7 +354,7 @@ def detect_sources(
     area = np.bincount(labels.ravel(), minlength=nfp + 1)[1:].astype(np.int64)
     if set_mask:
         mask[labels > 0] |= masks.DETECTED
-    return Footprints(
+    out = Footprints(
         labels=labels,
         bbox=bbox,
         area=area,
@@ -336,3 +363,7 @@ def detect_sources(
         peak_y=py[order].astype(np.float64),
         peak_significance=psig[order],
     )
+    if max_footprint_peaks is not None:
+        out = split_footprints(out, psf_sigma_pix, int(max_footprint_peaks),
+                               peak_value=smooth[py[order], px[order]].astype(np.float64), link_fwhm=link_fwhm)
+    return out

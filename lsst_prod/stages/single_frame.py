@@ -32,6 +32,7 @@ from ..algorithms.cosmicray import find_cosmic_rays, repair_cosmic_rays
 from ..algorithms.detect import detect_sources
 from ..algorithms.isr import run_isr
 from ..algorithms.measure import measure_sources
+from ..algorithms.neighbours import subtract_other_sources
 from ..algorithms.photocal import fit_zero_point
 from ..algorithms.psf import apcorr_radius, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
 from ..camera import Camera
@@ -48,6 +49,18 @@ NJY_AB_ZERO = 31.4  # AB mag of 1 nJy
 #: deblended children with less of their neighbours' light than this (fraction in their aperture) are
 #: calibration stars for astrometry and photometry, as apcorr_stars() takes them for the aperture correction
 ASTROMETRY_MAX_BLENDEDNESS = 0.05
+#: footprints with more peaks are split into groups of peaks a simultaneous PSF fit needs (linked within
+#: 1.5 FWHM, detect.split_footprints); the others are coupled by the neighbour subtraction.  In a crowded
+#: field at bad seeing (600,000 stars/deg^2, 2") the 5-sigma footprints percolate: one covered 63 % of the
+#: detector with 445 peaks, every child inherited its edge flag, and its simultaneous fit needed 445 x the
+#: whole image in memory.  On dp-mini no footprint has more than 11 peaks.
+MAX_FOOTPRINT_PEAKS = 25
+#: when the median PSF candidate's model stamp is more than this fraction other footprints, the PSF is refitted on
+#: the image with every other source subtracted (their pixels are otherwise masked, and the spatial polynomial's
+#: outer pixels lose their constraints): 0.48 at 600,000 stars/deg^2 and 2" seeing, 0.0 on dp-mini
+PSF_MAX_NEIGHBOUR_FRACTION = 0.1
+#: crowded fields: peaks on the image smoothed by this x sigma_psf (detect_sources' prominence peaks)
+CROWDED_PEAK_SMOOTHING = 0.5
 #: when the astrometric match fails within the configured pointing search radius, it is widened x3 up to
 #: this (80" -> 4' -> 10'): telescopes can be off by arcminutes (a bad pointing model, a wrong offset)
 ASTROMETRY_MAX_SEARCH_RADIUS_ARCSEC = 600.0
@@ -138,7 +151,9 @@ class SingleFrameStage(Stage):
         image = (image + bg.image - bg2.image).astype(np.float32)
         background = bg2
         mask &= ~np.uint32(masks.DETECTED)
-        fp = detect_sources(image, variance, mask, psf.sigma_at(cx, cy), threshold=cfg.detection_threshold_sigma)
+        det_sigma = float(psf.sigma_at(cx, cy))
+        fp = detect_sources(image, variance, mask, det_sigma, threshold=cfg.detection_threshold_sigma,
+                            max_footprint_peaks=MAX_FOOTPRINT_PEAKS)
         mask |= (fp.labels > 0).astype(np.uint32) * masks.DETECTED
         # In poor seeing the 5-sigma footprints of a crowded field merge (fewer single-peak stars): keep the
         # first pass's candidates (10-sigma footprints) when they are more numerous.
@@ -148,6 +163,16 @@ class SingleFrameStage(Stage):
                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
                       min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
         fwhm_pix = float(psf.fwhm_at(cx, cy))
+        crowding = _psf_stamp_crowding(fp.labels, cand, _stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix))
+        if crowding > PSF_MAX_NEIGHBOUR_FRACTION:
+            # Crowded: the candidates' stamps are largely other footprints, whose pixels the fit masks, and
+            # the polynomial's outer pixels are unconstrained (PSF-flux errors of x3 in the corners at 600,000
+            # stars/deg^2 and 2").  Subtract every other source instead (amplitudes fitted with a constant
+            # model, which half-masked stamps do constrain) and refit, masking only the other candidates.
+            fp, psf = crowded_psf(image, variance, mask, fp, cand, det_sigma, background.rms, cfg, fwhm_pix)
+            fwhm_pix = float(psf.fwhm_at(cx, cy))
+            log.info("[%s] crowded PSF stamps (%.0f %% other footprints): refitted with the neighbours subtracted",
+                     did, 100 * crowding)
         log.info("[%s] PSF FWHM %.2f px from %d stars%s; %d footprints, %d CR pixels",
                  did, fwhm_pix, psf.n_stars, f" (parametric {psf.fallback} fallback)" if psf.is_fallback else "",
                  fp.n_footprints, n_cr)
@@ -171,10 +196,17 @@ class SingleFrameStage(Stage):
         # apertures crossing the edge are completed with the PSF model.  The correction goes on to the TOTAL
         # flux (the refcat's magnitudes are total): apertures of 4 FWHM, then the PSF model's r^-11/3 wing
         # beyond (an 8-FWHM aperture is 2x noisier and its local background 4x more exposed).
+        # Crowded (the PSF stamps above): the annulus' undetected pixels are a sample selected against the
+        # light of unresolved stars, which the apertures do hold (apcorr 1.23 instead of 0.99 at 600,000
+        # stars/deg^2 and 2"): take the local background from ALL usable annulus pixels of the image with every
+        # source's full-wing model subtracted, and the clipped weighted mean of the ratios (contamination of
+        # large apertures is one-sided): 1.014.
+        crowded_kw = (dict(usable=(mask & masks.UNUSABLE) == 0, robust_constant=True)
+                      if crowding > PSF_MAX_NEIGHBOUR_FRACTION else {})
         apcorr = fit_apcorr_clean(image, variance, psf, cols, psf_cand | apcorr_stars(cols), ref_radius,
                                   fwhm=fwhm_pix, total_flux=True,
                                   measure_radius=apcorr_measure_radius(fwhm_pix),
-                                  diffraction=_diffraction(cfg, band, pixel_scale))
+                                  diffraction=_diffraction(cfg, band, pixel_scale), **crowded_kw)
         ac = apcorr(cols["x"], cols["y"])
 
         # 6. astrometry
@@ -374,6 +406,46 @@ def _psf_candidates(image, variance, mask, fp, fwhm_pix: float | None = None):
             return cand, fwhm_pix
     cand = select_psf_candidates(image, variance, mask, fp, stamp_size=psf_stamp_size(fwhm_pix, per_fwhm=3.0))
     return cand, candidates_fwhm(cand)
+
+
+def crowded_psf(image, variance, mask, fp, cand, detection_sigma: float, background_rms, cfg: SingleFrameConfig,
+                fwhm_pix: float):
+    """The crowded-field detection peaks and PSF model (the stage's step 4 when the PSF candidates' stamps are
+    more than PSF_MAX_NEIGHBOUR_FRACTION other footprints): (footprints, PsfModel).  ``fp, cand``: the
+    stage's final footprints and PSF candidates, ``detection_sigma`` the matched filter's sigma they were
+    detected with, ``fwhm_pix`` the FWHM of the PSF model fitted to the candidates.
+
+    The final footprints' peaks are searched again on the lightly smoothed image by prominence (the matched
+    filter's peaks miss companions within 1.2-1.7 FWHM, which crowding makes common; same footprints, so the
+    same DETECTED pixels).  Then the candidates' stamps are cleaned of every other source instead of masking
+    them (the masked pixels leave the spatial polynomial's outer pixels unconstrained): a constant model,
+    which half-masked stamps do constrain, gives every source's position and amplitude in one sparse fit
+    (:func:`~lsst_prod.algorithms.neighbours.subtract_other_sources`), and the configured model is refitted on
+    the image minus the non-candidates, masking only the other candidates' footprints."""
+    fp = detect_sources(image, variance, mask, detection_sigma, threshold=cfg.detection_threshold_sigma,
+                        max_footprint_peaks=MAX_FOOTPRINT_PEAKS, peak_smoothing=CROWDED_PEAK_SMOOTHING, set_mask=False)
+    fit_kw = dict(stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix), min_stars=cfg.psf_min_stars,
+                  min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
+    psf0 = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, spatial_order=0, labels=fp.labels, **fit_kw)
+    own = np.unique(fp.labels[np.rint(cand.y).astype(int), np.rint(cand.x).astype(int)])
+    weight = np.where((mask & masks.UNUSABLE) == 0, 1.0 / np.maximum(background_rms, 1e-12) ** 2, 0.0)
+    is_cand = _nearest_flags(fp.peak_x, fp.peak_y, cand.x, cand.y, 1.5)
+    cleaned = subtract_other_sources(image, variance, weight, psf0, fp.peak_x, fp.peak_y, is_cand)
+    psf = fit_psf(cleaned, variance, mask, cand.x, cand.y, image.shape, spatial_order=cfg.psf_spatial_order,
+                  labels=np.where(np.isin(fp.labels, own[own > 0]), fp.labels, 0), **fit_kw)
+    return fp, psf
+
+
+def _psf_stamp_crowding(labels: np.ndarray, cand, stamp: int) -> float:
+    """Median over the PSF candidates of the fraction of their model stamp covered by OTHER footprints."""
+    if cand.n == 0:
+        return 0.0
+    from ..algorithms.measure import _gather
+
+    ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
+    lab = _gather(labels, ix, iy, stamp // 2)[0]
+    own = labels[np.clip(iy, 0, labels.shape[0] - 1), np.clip(ix, 0, labels.shape[1] - 1)]
+    return float(np.median(((lab != 0) & (lab != own[:, None, None])).mean(axis=(1, 2))))
 
 
 def _nearest_flags(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray, radius: float) -> np.ndarray:

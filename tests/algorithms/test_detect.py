@@ -232,3 +232,81 @@ def test_close_pairs_found_when_the_dip_is_significant(sep_fwhm, ratio, draw_mof
         assert both >= 18
     if n_free < 2:
         assert both == 0
+
+
+# ----------------------------------------------------------------------------- crowded fields
+CROWD_FWHM = 8.0
+
+
+@pytest.fixture(scope="module")
+def crowded_field(draw_moffat_field, true_psf):
+    """A crowded field in bad seeing: 1100 Moffat stars (FWHM 8 px) on 512 x 512 (one per 30 FWHM^2,
+    as 600,000 stars/deg^2 at 0.2"/px and 1.6"), S/N log-uniform 3-1000: the 5-sigma footprints
+    percolate into one region holding most of the peaks."""
+    rng = np.random.default_rng(77)
+    n, shape = 1100, (512, 512)
+    x, y = rng.uniform(-10, 522, n), rng.uniform(-10, 522, n)
+    p = true_psf(CROWD_FWHM, 0.0, 0.0, 0.0, 0.0, 81)
+    snr = np.exp(rng.uniform(np.log(3.0), np.log(1000.0), n))
+    flux = snr / np.sqrt((p**2).sum() / V)
+    model = draw_moffat_field(shape, x, y, flux, fwhm=CROWD_FWHM, stamp=81)
+    img, var = _observe(rng, model)
+    return x, y, flux, img, var
+
+
+def test_crowded_windowed_saddle_test_is_exact(crowded_field, monkeypatch):
+    """The legacy saddle test labels a window about each candidate and the whole footprint only when the
+    candidate's component reaches the window's edge: the same peaks as labelling the whole footprint for
+    every candidate (window larger than any footprint)."""
+    from lsst_prod.algorithms import detect as det
+
+    _, _, _, img, var = crowded_field
+    sigma = CROWD_FWHM / 2.3548
+    fast = detect_sources(img, var, np.zeros(img.shape, np.uint32), sigma, set_mask=False)
+    whole = det._select_peaks
+    monkeypatch.setattr(det, "_select_peaks", lambda *a: whole(*a[:-1], 10**6))
+    ref = detect_sources(img, var, np.zeros(img.shape, np.uint32), sigma, set_mask=False)
+    assert np.bincount(ref.peak_footprint).max() > 100  # the premise: a percolating footprint
+    for k in ("labels", "peak_x", "peak_y", "peak_footprint", "peak_significance"):
+        np.testing.assert_array_equal(getattr(fast, k), getattr(ref, k))
+
+
+def test_crowded_footprints_split_into_bounded_groups(crowded_field):
+    """``max_footprint_peaks``: no footprint has more peaks; the detected pixels and the peaks are the same
+    as without the split; every peak's pixel is in its footprint; peaks closer than the linking length
+    (1.5 FWHM) share a footprint unless their group was over the bound; footprints that were not over the
+    bound are untouched; the light of a bright isolated-enough star is in its own footprint."""
+    x, y, flux, img, var = crowded_field
+    sigma = CROWD_FWHM / 2.3548
+    a = detect_sources(img, var, np.zeros(img.shape, np.uint32), sigma, set_mask=False)
+    b = detect_sources(img, var, np.zeros(img.shape, np.uint32), sigma, set_mask=False, max_footprint_peaks=25)
+    counts_a, counts_b = np.bincount(a.peak_footprint), np.bincount(b.peak_footprint, minlength=b.n_footprints)
+    assert counts_a.max() > 100 and counts_b.max() <= 25
+    assert counts_b.min() >= 1 and b.n_footprints > 10 * a.n_footprints
+    np.testing.assert_array_equal(a.labels > 0, b.labels > 0)
+    np.testing.assert_array_equal(a.peak_x, b.peak_x)
+    np.testing.assert_array_equal(a.peak_y, b.peak_y)
+    assert (b.labels[b.peak_y.astype(int), b.peak_x.astype(int)] == b.peak_footprint + 1).all()
+    np.testing.assert_array_equal(b.area, np.bincount(b.labels.ravel(), minlength=b.n_footprints + 1)[1:])
+    small = np.flatnonzero(counts_a <= 25)
+    for f in small:  # unchanged, same index
+        np.testing.assert_array_equal(a.labels == f + 1, b.labels == f + 1)
+    big = np.isin(a.peak_footprint, np.flatnonzero(counts_a > 25))
+    d = np.hypot(a.peak_x[:, None] - a.peak_x[None], a.peak_y[:, None] - a.peak_y[None])
+    close = (d < 1.5 * CROWD_FWHM) & big[:, None] & big[None, :] & (a.peak_footprint[:, None] == a.peak_footprint[None])
+    unsplit_group = counts_b[b.peak_footprint] < 25
+    i, j = np.nonzero(np.triu(close, 1) & unsplit_group[:, None] & unsplit_group[None, :])
+    assert len(i) >= 5
+    assert (b.peak_footprint[i] == b.peak_footprint[j]).all()
+    # a bright star with no peak within 2 FWHM: the pixels within 0.5 FWHM of it are its footprint's
+    found, _ = _match(b, x, y, radius=2.0)
+    yy, xx = np.mgrid[0:512, 0:512]
+    n_checked = 0
+    for k in np.flatnonzero(found & (flux > np.quantile(flux, 0.8)) & (x > 20) & (x < 490) & (y > 20) & (y < 490)):
+        pk = np.argmin(np.hypot(b.peak_x - x[k], b.peak_y - y[k]))
+        if np.sort(np.hypot(b.peak_x - b.peak_x[pk], b.peak_y - b.peak_y[pk]))[1] < 2 * CROWD_FWHM:
+            continue
+        core = np.hypot(xx - b.peak_x[pk], yy - b.peak_y[pk]) < 0.5 * CROWD_FWHM
+        assert (b.labels[core] == b.peak_footprint[pk] + 1).all()
+        n_checked += 1
+    assert n_checked >= 10
