@@ -27,6 +27,14 @@ spline.  Cells with too few usable pixels are replaced from their neighbours.  M
 
 Pixels with any of ``bad_mask_planes`` (default: unusable or already detected)
 and non-finite pixels are ignored.
+
+:func:`background_without_sources` is the ``"mean"`` of an image from which the catalogued sources'
+light is removed first, each with its full-wing PSF model (stamp + Kolmogorov x Airy ``r^-11/3`` wing to
+12 FWHM): the sky plus the light of what is NOT catalogued.  A masked mean alone also takes in the
+catalogued sources' wings beyond their footprints (on dp-mini 85-90 % of the light between the
+single-frame footprints); a measurement that models those sources (their PSF fluxes, their neighbours'
+subtraction) then counts that light twice, once in the background and once in the model.  The objects
+stage uses it to put the coadd's zero back (docs/algorithms-coadd.md).
 """
 
 from __future__ import annotations
@@ -255,3 +263,36 @@ def _clipped_mean_background(data: np.ndarray, bad: np.ndarray, bw: int, bh: int
         return np.ascontiguousarray(out, dtype=np.float32)
 
     return interp(level), interp(sd), float(np.median(level)), float(np.median(sd))
+
+
+def background_without_sources(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    psf,
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    fwhm: float,
+    diffraction: tuple[float, float] = (0.0, 0.0),
+    mesh_size: int = 256,
+    filter_size: int = 3,
+    bad_mask_planes: int = int(DEFAULT_BAD_PLANES),
+    clip_sigma: float = 4.0,
+) -> Background:
+    """Clipped-mean background of ``image`` minus the full-wing models of the sources (x, y, flux).
+
+    ``psf`` is a PsfModel (``image_at``); ``flux`` is each source's PSF-model flux (the stamp's sum; rows
+    with a non-positive or non-finite flux are not subtracted); ``fwhm`` (pixels) and ``diffraction``
+    (lambda/D in pixels, linear obscuration) set the wing beyond the stamp
+    (:func:`~lsst_prod.algorithms.apcorr.full_wing_model_image`).  The residual's mean over the usable
+    pixels without ``bad_mask_planes`` (by default the footprints, ``DETECTED``, where a bright source's
+    model error would dominate) is then the sky plus the light of the sources not in the list: the
+    level that leaves unbiased the PSF fluxes of sources measured with their neighbours' models
+    subtracted.  Same units as ``image``.
+    """
+    from .apcorr import full_wing_model_image
+
+    img = np.asarray(image, dtype=np.float64)
+    model = full_wing_model_image(img.shape, psf, x, y, flux, float(fwhm), diffraction=diffraction)
+    return estimate_background(img - model, mask, mesh_size=mesh_size, filter_size=filter_size,
+                               bad_mask_planes=bad_mask_planes, statistic="mean", clip_sigma=clip_sigma)

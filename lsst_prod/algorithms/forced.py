@@ -21,7 +21,12 @@ fluxes may be negative (difference images, faint objects).
 
 :func:`propagate_object_positions` moves object positions to the epoch of the
 exposure with :func:`~lsst_prod.algorithms.astrometry.propagate_positions` when
-proper motions or parallaxes are known.  Figures: docs/algorithms-objects.md.
+proper motions or parallaxes are known.  :func:`match_objects_to_stars` pairs
+point-like Objects one-to-one with the stars of relcal's astrometric solution (and
+finds the epoch of the Objects' coadd positions from the moving stars), and
+:func:`remove_astrometric_correction` takes a calibrated position back to a calexp's
+single-frame WCS frame, so that a star is measured where its light is on each exposure.
+Figures: docs/algorithms-objects.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from scipy.spatial import cKDTree
 from . import masks
 from .astrometry import propagate_positions
 from .measure import _gather
+from .relcal_astrometry import AstrometricCorrection, gnomonic, inverse_gnomonic
+from .relcal_normals import MAS_PER_RAD, poly_basis
+
+JULIAN_YEAR_DAYS = 365.25
 
 
 def _solve_group(nmat, mmat, b):
@@ -195,3 +204,119 @@ def propagate_object_positions(ra, dec, pmra=None, pmdec=None, parallax=None, re
         ra[moving], dec[moving] = propagate_positions(ra[moving], dec[moving], pmra[moving], pmdec[moving],
                                                       parallax[moving], ref, float(target_mjd))
     return ra, dec
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+def match_objects_to_stars(obj_ra, obj_dec, obj_err_mas, star_ra, star_dec, star_err_mas, star_pmra, star_pmdec,
+                           star_pm_err_mas_yr, star_epoch_mjd: float, object_epoch_mjd: float | None = None,
+                           nsigma: float = 5.0, sys_err_mas: float = 10.0, search_arcsec: float = 2.0,
+                           min_movers: int = 5, mover_snr: float = 5.0) -> dict[str, np.ndarray | float | int]:
+    """One-to-one match of Objects (coadd positions) to stars with proper motions.
+
+    Stars are given at ``star_epoch_mjd`` (deg; ``star_err_mas`` and ``star_pm_err_mas_yr``
+    broadcast to (n_star, 2): East, North; pmra includes cos dec).  The Objects' positions
+    (``obj_err_mas`` per axis) are flux-weighted means over the coadd's visits, i.e. at an
+    effective epoch ``t_obj``.  Unless ``object_epoch_mjd`` is given, ``dt = t_obj - T0`` is
+    derived from the data: every candidate pair (within ``search_arcsec``) with a star that
+    moves significantly (|pm| > ``mover_snr`` x its error) gives ``dt_i = d.pm / |pm|^2`` from
+    the offset ``d`` (Object minus star) when ``d`` lies along the motion (perpendicular
+    residual < 3 sigma); ``dt`` is their weighted median (weights |pm|^2 / sigma^2), refined by
+    the weighted mean within 3 sigma, with error 1 / sqrt(sum w).  Fewer than ``min_movers``
+    such pairs: ``dt = 0`` (the stars' epoch), ``dt_err = 0``.
+
+    A pair is accepted when chi2 = sum over East, North of (d - pm dt)^2 / var < ``nsigma``^2,
+    var = obj_err^2 + star_err^2 + (pm_err dt)^2 + (pm dt_err)^2 + ``sys_err_mas``^2 (the
+    frame difference between coadd and calibrated positions, unmodelled parallaxes); for a
+    true pair chi2 follows chi2(2), so 5 sigma loses exp(-12.5) = 4e-6 of them.  Accepted pairs
+    are assigned in increasing chi2, each Object and each star at most once.
+
+    Returns ``star`` (per Object: index of its star, -1 for none), ``chi2`` (per Object, NaN
+    without a star), ``dt_yr``, ``dt_err_yr``, ``n_movers`` (pairs that gave dt).
+    """
+    ora, odec = np.atleast_1d(np.asarray(obj_ra, float)), np.atleast_1d(np.asarray(obj_dec, float))
+    sra, sdec = np.atleast_1d(np.asarray(star_ra, float)), np.atleast_1d(np.asarray(star_dec, float))
+    n_o, n_s = len(ora), len(sra)
+    oerr = np.broadcast_to(np.asarray(obj_err_mas, float), (n_o,))
+    serr = np.broadcast_to(np.asarray(star_err_mas, float).reshape(-1, 2) if np.ndim(star_err_mas) == 2
+                           else np.asarray(star_err_mas, float)[..., None], (n_s, 2))
+    pm = np.column_stack([np.broadcast_to(np.asarray(star_pmra, float), (n_s,)),
+                          np.broadcast_to(np.asarray(star_pmdec, float), (n_s,))])
+    pm_err = np.broadcast_to(np.asarray(star_pm_err_mas_yr, float).reshape(-1, 2) if np.ndim(star_pm_err_mas_yr) == 2
+                             else np.asarray(star_pm_err_mas_yr, float)[..., None], (n_s, 2))
+    out = {"star": np.full(n_o, -1, np.int64), "chi2": np.full(n_o, np.nan), "dt_yr": 0.0, "dt_err_yr": 0.0,
+           "n_movers": 0}
+    good_o = np.isfinite(ora) & np.isfinite(odec) & np.isfinite(oerr)
+    good_s = np.isfinite(sra) & np.isfinite(sdec) & np.isfinite(pm).all(1) & np.isfinite(serr).all(1)
+    if not good_o.any() or not good_s.any():
+        if object_epoch_mjd is not None:
+            out["dt_yr"] = (float(object_epoch_mjd) - float(star_epoch_mjd)) / JULIAN_YEAR_DAYS
+        return out
+
+    def unit(ra, dec):
+        r, d = np.deg2rad(ra), np.deg2rad(dec)
+        return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+
+    io, js = np.flatnonzero(good_o), np.flatnonzero(good_s)
+    chord = 2 * np.sin(np.deg2rad(search_arcsec / 3600.0) / 2)
+    pairs = cKDTree(unit(ora[io], odec[io])).sparse_distance_matrix(cKDTree(unit(sra[js], sdec[js])), chord,
+                                                                      output_type="ndarray")
+    i, j = io[pairs["i"]], js[pairs["j"]]
+    xi, eta = gnomonic(ora[i], odec[i], sra[j], sdec[j])  # Object about its candidate star, East/North
+    d = np.column_stack([xi, eta]) * MAS_PER_RAD
+    var0 = oerr[i, None] ** 2 + serr[j] ** 2 + sys_err_mas**2  # (n_pairs, 2)
+
+    if object_epoch_mjd is not None:
+        dt, dt_err = (float(object_epoch_mjd) - float(star_epoch_mjd)) / JULIAN_YEAR_DAYS, 0.0
+    else:
+        dt, dt_err = 0.0, 0.0
+        speed = np.hypot(pm[j, 0], pm[j, 1])
+        speed_err = np.hypot(pm_err[j, 0], pm_err[j, 1])
+        mov = (speed > mover_snr * speed_err) & (speed > 0)
+        if mov.any():
+            u = pm[j[mov]] / speed[mov, None]
+            s2 = var0[mov].mean(1)
+            t_i = (d[mov] * u).sum(1) / speed[mov]
+            perp = np.abs(d[mov, 0] * u[:, 1] - d[mov, 1] * u[:, 0])
+            along = perp**2 < 9 * s2
+            t_i, w_i, sig_t = t_i[along], (speed[mov][along] ** 2 / s2[along]), np.sqrt(s2[along]) / speed[mov][along]
+            if len(t_i) >= min_movers:
+                dt0 = _weighted_median(t_i, w_i)
+                near = np.abs(t_i - dt0) < 3 * sig_t
+                if near.sum() >= min_movers:
+                    dt = float(np.sum(w_i[near] * t_i[near]) / np.sum(w_i[near]))
+                    dt_err = float(1.0 / np.sqrt(np.sum(w_i[near])))
+                    out["n_movers"] = int(near.sum())
+    out["dt_yr"], out["dt_err_yr"] = dt, dt_err
+
+    resid = d - pm[j] * dt
+    var = var0 + (pm_err[j] * dt) ** 2 + (pm[j] * dt_err) ** 2
+    chi2 = (resid**2 / var).sum(1)
+    ok = chi2 < nsigma**2
+    i, j, chi2 = i[ok], j[ok], chi2[ok]
+    order = np.argsort(chi2, kind="stable")
+    used_o, used_s = np.zeros(n_o, bool), np.zeros(n_s, bool)
+    for k in order:  # greedy in increasing chi2: one-to-one
+        if used_o[i[k]] or used_s[j[k]]:
+            continue
+        used_o[i[k]] = used_s[j[k]] = True
+        out["star"][i[k]], out["chi2"][i[k]] = j[k], chi2[k]
+    return out
+
+
+def remove_astrometric_correction(correction: AstrometricCorrection, x, y, ra, dec) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`~lsst_prod.algorithms.relcal_astrometry.apply_astrometric_correction`:
+    the single-frame-WCS (ra, dec) (deg) whose calibrated position is (ra, dec), for sources at
+    pixel (x, y) of that ccdvisit (the correction P(u, v), a few mas, is subtracted from the
+    standard coordinates: it varies over arcminutes, so (x, y) from the calibrated position is
+    exact to far below a micro-arcsecond)."""
+    c = correction
+    b = poly_basis((np.asarray(x, float) - c.x0) / c.scale, (np.asarray(y, float) - c.y0) / c.scale, c.order)
+    xi, eta = gnomonic(ra, dec, c.center_ra, c.center_dec)
+    xi = xi - (b @ np.asarray(c.xi_coeffs, float)) / MAS_PER_RAD
+    eta = eta - (b @ np.asarray(c.eta_coeffs, float)) / MAS_PER_RAD
+    return inverse_gnomonic(xi, eta, c.center_ra, c.center_dec)

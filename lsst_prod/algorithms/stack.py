@@ -21,9 +21,12 @@ legitimately differs between warps and per-pixel sigma clipping eats its flux.
    ``frac_i`` x the reference peaks' envelope ``peak / (1 + (d / r0)^2)``,
    r0 = ``protect_core_fwhm`` x target (protects bright stars from the remaining
    mismatch), ``frac_i = clip_flux_fraction x clip(|FWHM_i/median - 1| / 0.5, 0.1, 1)``;
-4. takes the connected region above ``footprint_nsigma`` around each seed,
-   grows it by ``grow_fwhm`` x the warp's FWHM, and leaves those pixels of the
-   ORIGINAL warp out of the mean (CLIPPED).
+4. takes the connected region above ``footprint_nsigma`` around each seed and
+   keeps it only if it carries net flux (:func:`_carry_net_flux`: a PSF
+   mismatch - ellipticity, position-varying PSF, shift - has lobes of both signs
+   that cancel within a FWHM; an artefact adds or removes flux);
+5. grows the kept regions by ``grow_fwhm`` x the warp's FWHM, and leaves those
+   pixels of the ORIGINAL warp out of the mean (CLIPPED).
 """
 
 from __future__ import annotations
@@ -189,8 +192,33 @@ def _nanmedian0(a: np.ndarray) -> np.ndarray:
     return 0.5 * (lo + np.take_along_axis(s, (c // 2)[None], 0)[0])
 
 
+def _carry_net_flux(lab, hit, resid, source, significant, radius, net_flux_fraction):
+    """The labels in ``hit`` whose region carries net flux: |sum resid| > net_flux_fraction x sum |resid|
+    (significant pixels only) over the region grown by ``radius`` into ``source`` pixels.
+
+    A matched warp differs from the reference by a PSF mismatch, the star convolved with the
+    difference of two unit-sum kernels (shift, size, ellipticity, wings): its positive and negative
+    lobes cancel within about one FWHM.  An artefact (cosmic ray, trail, transient, asteroid) adds or
+    removes flux: |sum| ~ sum |.|.
+    """
+    keep = []
+    objs = ndimage.find_objects(lab)
+    r = int(np.ceil(radius))
+    ny, nx = lab.shape
+    for h in hit:
+        sy, sx = objs[h - 1]
+        b = (slice(max(sy.start - r, 0), min(sy.stop + r, ny)), slice(max(sx.start - r, 0), min(sx.stop + r, nx)))
+        reg = lab[b] == h
+        ap = reg | ((ndimage.distance_transform_edt(~reg) <= radius) & source[b])
+        dr = resid[b][ap]
+        total = np.abs(dr)[np.abs(dr) > significant[b][ap]].sum()
+        if abs(dr.sum()) > net_flux_fraction * total:
+            keep.append(h)
+    return np.array(keep, dtype=lab.dtype)
+
+
 def _outliers(warps, usable, target, clip_nsigma, footprint_nsigma, clip_flux_fraction, protect_core_fwhm,
-              grow_fwhm, min_inputs):
+              grow_fwhm, min_inputs, net_flux_fraction=0.5):
     """Per-input bool maps of the pixels rejected by the PSF-matched comparison (module docstring)."""
     n, shape = len(warps), warps[0].image_njy.shape
     out = [np.zeros(shape, bool) for _ in range(n)]
@@ -259,7 +287,10 @@ def _outliers(warps, usable, target, clip_nsigma, footprint_nsigma, clip_flux_fr
             if flag.any():  # hysteresis: the connected region above footprint_nsigma around each seed
                 lab, _ = ndimage.label(outside & (d > footprint_nsigma * sig))
                 hit = np.unique(lab[flag])
-                flag |= np.isin(lab, hit[hit > 0])
+                hit = _carry_net_flux(lab, hit[hit > 0], np.where(judged, matched[i] - ref, 0.0),
+                                      judged & (envelope > footprint_nsigma * sig), footprint_nsigma * sig,
+                                      target, net_flux_fraction)
+                flag = np.isin(lab, hit)
         out[i][box] = _grow(flag, grow_fwhm * w.psf_fwhm_pix) & usable[i][box]
     return out
 

@@ -162,6 +162,11 @@ class ObjectsConfig(StageConfig):
                           "(12 FWHM) model and the local background the clipped mean of all usable annulus pixels "
                           "of that residual; the correction is the inverse-variance weighted mean of the stars' "
                           "ratios (false: stamp-limited models, the measurement's sky, median ratio)")
+    background_without_sources: bool = Field(
+        True, description="before the final measurement, subtract the coadd's level estimated as the clipped mean "
+                          "outside the footprints of the coadd minus every measured source's full-wing model (the "
+                          "calexps' backgrounds took in their detected stars' wings, leaving the coadd below zero)")
+    background_mesh_pixels: int = Field(256, ge=16, description="mesh cell of that coadd background, pixels")
 
     @field_validator("apcorr_reference_radius_pixels")
     @classmethod

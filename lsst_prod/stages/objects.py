@@ -21,21 +21,24 @@ import json
 import numpy as np
 from astropy.wcs import WCS
 
+from ..algorithms.background import background_without_sources
 from ..algorithms.deblend import deblend_footprints
 from ..algorithms.masks import DETECTED, UNUSABLE
 from ..algorithms.detect import detect_sources
 from ..algorithms.footprints import Footprints
-from ..algorithms.forced import forced_psf_photometry
+from ..algorithms.forced import (forced_psf_photometry, match_objects_to_stars, propagate_object_positions,
+                                  remove_astrometric_correction)
 from ..algorithms.kron import kron_photometry
 from ..algorithms.measure import measure_sources
 from ..algorithms.merge import merge_detections
 from ..algorithms.apcorr import apcorr_measure_radius
 from ..algorithms.psf import PsfModel, apcorr_radius
+from ..algorithms.relcal_astrometry import AstrometricCorrection
 from ..config.stages import ForcedConfig, ObjectsConfig
 from ..errors import NoWorkFound
 from ..ids import ObjectIdFactory
 from ..repo import DataId
-from ..repo.formats import read_exposure, read_parquet, table_from_columns, write_parquet
+from ..repo.formats import read_columns, read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
 from .common import (diffraction_pixels, fit_apcorr_clean, relcal_zero_point, relcal_zero_points, sky_annulus_for,
@@ -104,18 +107,32 @@ class ObjectsStage(Stage):
             fwhm = float(psfs[b].fwhm_at((shape[1] - 1) / 2, (shape[0] - 1) / 2))
             auto = cfg.apcorr_reference_radius_pixels == "auto"
             radius = apcorr_radius(fwhm) if auto else float(cfg.apcorr_reference_radius_pixels)
-            mb = measure_sources(e.image, e.variance, e.mask | detected, merged.footprints, psfs[b],
+            image = e.image
+            mb = measure_sources(image, e.variance, e.mask | detected, merged.footprints, psfs[b],
                                  sky_annulus=sky_annulus_for(radius))
+            if cfg.background_without_sources:
+                # The calexps' backgrounds took in the wings of their detected stars (the masked mean of the
+                # pixels between footprints), so the coadd sits below zero by that light's mean: estimate the
+                # coadd's level with every measured source's full-wing model removed, subtract it, measure again
+                leaf = (mb["deblend_nChild"] == 0) & np.isfinite(mb["psfFlux"]) & (mb["psfFlux"] > 0)
+                bg = background_without_sources(e.image, e.mask | detected, psfs[b], mb["x"][leaf], mb["y"][leaf],
+                                                 mb["psfFlux"][leaf], fwhm,
+                                                 diffraction=diffraction_pixels(cfg, b, pixel_scale),
+                                                 mesh_size=cfg.background_mesh_pixels)
+                image = (e.image - bg.image).astype(np.float32)
+                mb = measure_sources(image, e.variance, e.mask | detected, merged.footprints, psfs[b],
+                                     sky_annulus=sky_annulus_for(radius))
+                ctx.summary[f"{b}_background_level"] = float(np.median(bg.image))
             # as in single_frame: stars measured within max(12, 4 FWHM) (a large aperture in a crowded
             # coadd carries neighbours' and confusion light), the PSF's wing beyond added from theory
-            apc = fit_apcorr_clean(e.image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
+            apc = fit_apcorr_clean(image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
                                    fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
                                    diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
                                    usable=(e.mask & UNUSABLE) == 0 if cfg.apcorr_full_wing_background else None)
             ac = apc(mb["x"], mb["y"])
             mb["psfFlux"] = mb["psfFlux"] * ac
             mb["psfFluxErr"] = mb["psfFluxErr"] * ac
-            kr, kf, kfe, kflags = kron_photometry(e.image, e.variance, e.mask, mb["x"], mb["y"], mb["ixx"], mb["iyy"],
+            kr, kf, kfe, kflags = kron_photometry(image, e.variance, e.mask, mb["x"], mb["y"], mb["ixx"], mb["iyy"],
                                                   mb["ixy"])
             mb["kronRad"], mb["kronFlux"], mb["kronFluxErr"] = kr, kf, kfe
             mb["kronFlux_flag"] = kflags["kronFlux_flag"]
@@ -192,16 +209,17 @@ def _stars(cols: dict[str, np.ndarray]) -> np.ndarray:
 class ForcedStage(Stage):
     name = "forced"
     dimensions = ("instrument", "visit", "detector")
-    input_types = ("calexp", "object", "relcal_solution")
+    input_types = ("calexp", "object", "relcal_solution", "relcal_stars")
     output_types = ("forcedSource",)
     gather = {"object": 1}  # the patches over the detector whose objects exist
     resources = Resources(cores=1, memory_gib=2.0)
-    description = "PSF photometry at every object's position on every calexp -> ForcedSource"
+    description = ("PSF photometry at every object's position on every calexp (stars of relcal's astrometric "
+                   "solution: at their position at the calexp's epoch) -> ForcedSource")
 
     def plan(self, ctx, config: ForcedConfig) -> list[QuantumSpec]:
         instrument = ctx.instrument
         objects = {(d["tract"], d["patch"]): d for t, d in ctx.produced if t == "object"}
-        relcal = ("relcal_solution", DataId(instrument=instrument))
+        relcal = [(t, DataId(instrument=instrument)) for t in ("relcal_solution", "relcal_stars")]
         specs = []
         for v in ctx.visits:
             for det in ctx.detectors:
@@ -212,8 +230,7 @@ class ForcedStage(Stage):
                 if not obj:
                     continue
                 inputs = [("calexp", did)] + [("object", o) for o in obj]
-                if relcal in ctx.produced:
-                    inputs.append(relcal)
+                inputs += [r for r in relcal if r in ctx.produced]
                 specs.append(QuantumSpec(self.name, did, tuple(inputs), (("forcedSource", did),)))
         return specs
 
@@ -222,16 +239,52 @@ class ForcedStage(Stage):
         visit, detector = int(ctx.data_id["visit"]), int(ctx.data_id["detector"])
         zp = relcal_zero_point(ctx, relcal_zero_points(ctx), visit, detector, float(exp.metadata["MAGZERO"]))
         calib = 10 ** (-0.4 * (zp - 31.4))
-        ids, ras, decs = [], [], []
-        for ref in ctx.inputs_of("object"):
-            t = read_parquet(ctx.repo.path_of(ref), ["objectId", "coord_ra", "coord_dec", "detect_isPrimary"])
-            prim = t.column("detect_isPrimary").to_numpy(zero_copy_only=False)
-            ids.append(t.column("objectId").to_numpy()[prim])
-            ras.append(t.column("coord_ra").to_numpy()[prim])
-            decs.append(t.column("coord_dec").to_numpy()[prim])
-        ids, ras, decs = np.concatenate(ids), np.concatenate(ras), np.concatenate(decs)
+        mjd = float(exp.metadata["MJD-MID"])
         wcs: WCS = wcs_from_header(exp.wcs_header)
+        stars = _relcal_stars(ctx)
+        if stars is None and ctx.log is not None:
+            ctx.log.warning("[%s] no relcal_stars input: every object is measured at its coadd position "
+                            "(moving stars are not followed)", ctx.data_id)
+        from ..config.skymap import SkyMapConfig
+
+        pix_arcsec = float(SkyMapConfig(**ctx.extra["skymap"]).pixel_scale_arcsec) if "skymap" in ctx.extra \
+            else float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
+        ids, ras, decs, star_of, epochs = [], [], [], [], {}
+        for ref in ctx.inputs_of("object"):
+            t = read_columns(ctx.repo.path_of(ref))
+            prim = np.asarray(t["detect_isPrimary"], bool)
+            ids.append(t["objectId"][prim])
+            ras.append(t["coord_ra"][prim])
+            decs.append(t["coord_dec"][prim])
+            star = np.full(int(prim.sum()), -1, np.int64)
+            if stars is not None and len(stars["ra"]):
+                point = np.flatnonzero(prim & (np.asarray(t.get("refExtendedness", np.ones(len(prim))), float) < 0.5))
+                err = _object_position_error_mas(t, pix_arcsec)[point]
+                m = match_objects_to_stars(t["coord_ra"][point], t["coord_dec"][point], err, stars["ra"], stars["dec"],
+                                           np.column_stack([stars["raErr"], stars["decErr"]]), stars["pmRa"],
+                                           stars["pmDec"], np.column_stack([stars["pmRaErr"], stars["pmDecErr"]]),
+                                           float(stars["epochMjd"][0]))
+                pos = np.full(len(prim), -1, np.int64)
+                pos[point] = m["star"]
+                star = pos[prim]
+                epochs[f"{ref.data_id['tract']}/{ref.data_id['patch']}"] = {
+                    "epoch_offset_d": round(float(m["dt_yr"]) * 365.25, 2),
+                    "epoch_offset_err_d": round(float(m["dt_err_yr"]) * 365.25, 2), "n_movers": int(m["n_movers"]),
+                    "n_point_like": int(len(point)), "n_matched": int((m["star"] >= 0).sum())}
+            star_of.append(star)
+        ids, ras, decs, star_of = (np.concatenate(v) for v in (ids, ras, decs, star_of))
+        moved = star_of >= 0
+        if moved.any():  # the matched stars where they are at this exposure's epoch (relcal's frame)
+            k = star_of[moved]
+            ras, decs = ras.copy(), decs.copy()
+            ras[moved], decs[moved] = propagate_object_positions(
+                stars["ra"][k], stars["dec"][k], stars["pmRa"][k], stars["pmDec"][k], stars["parallax"][k],
+                ref_mjd=float(stars["epochMjd"][0]), target_mjd=mjd)
         x, y = wcs.all_world2pix(ras, decs, 0)
+        corr = _relcal_correction(ctx, visit, detector) if moved.any() else None
+        if corr is not None:  # relcal's frame -> this calexp's single-frame WCS, where the light is
+            ra_sf, dec_sf = remove_astrometric_correction(corr, x[moved], y[moved], ras[moved], decs[moved])
+            x[moved], y[moved] = wcs.all_world2pix(ra_sf, dec_sf, 0)
         ny, nx = exp.image.shape
         on = (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
         if not on.any():
@@ -242,16 +295,66 @@ class ForcedStage(Stage):
 
         res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on])
         ac = ApertureCorrection.from_dict(apdict)(x[on], y[on]) if apdict else 1.0
+        star_id = np.full(len(moved), -1, np.int64)
+        if moved.any():
+            star_id[moved] = stars["starId"][star_of[moved]]
         cols = {
             "objectId": ids[on], "visit": np.full(on.sum(), visit, np.int64),
             "detector": np.full(on.sum(), detector, np.int32), "band": np.full(on.sum(), exp.metadata["BAND"]),
             "coord_ra": ras[on], "coord_dec": decs[on], "x": x[on], "y": y[on],
             "psfFlux": res["psfFlux"] * ac * calib, "psfFluxErr": res["psfFluxErr"] * ac * calib,
             "psfFlux_flag": np.asarray(res["psfFlux_flag"], bool),
-            "expMidptMJD": np.full(on.sum(), float(exp.metadata["MJD-MID"])),
+            "coord_propagated": moved[on], "relcalStarId": star_id[on].astype(np.int64),
+            "expMidptMJD": np.full(on.sum(), mjd),
         }
+        positions = "relcal_stars" if stars is not None else "object (no relcal_stars input)"
         table = table_from_columns(cols, {"psfFlux": "nJy", "psfFluxErr": "nJy", "coord_ra": "deg",
                                           "coord_dec": "deg", "expMidptMJD": "d"},
-                                   {"release_id": ctx.release_id, "zero_point": zp})
+                                   {"release_id": ctx.release_id, "zero_point": zp, "positions": positions})
         ctx.put("forcedSource", lambda path: write_parquet(path, table))
-        ctx.summary.update(n_forced=int(on.sum()))
+        ctx.summary.update(n_forced=int(on.sum()), n_moved=int(moved[on].sum()), positions=positions,
+                           relcal_correction_applied=corr is not None)
+        if epochs:
+            ctx.summary["object_epochs"] = epochs
+
+
+def _relcal_stars(ctx: QuantumContext) -> dict[str, np.ndarray] | None:
+    """The relcal_stars table (None when the quantum has no such input: relcal not run, or a run
+    planned before relcal wrote it)."""
+    refs = ctx.inputs_of("relcal_stars")
+    return read_columns(ctx.repo.path_of(refs[0])) if refs else None
+
+
+def _relcal_correction(ctx: QuantumContext, visit: int, detector: int) -> AstrometricCorrection | None:
+    """relcal's astrometric correction of (visit, detector) (None without one: set aside, no relcal)."""
+    refs = ctx.inputs_of("relcal_solution")
+    if not refs:
+        return None
+    sol = read_columns(ctx.repo.path_of(refs[0]), ["visit", "detector", "astromCorrection"])
+    row = np.flatnonzero((sol["visit"] == visit) & (sol["detector"] == detector))
+    if not len(row) or not sol["astromCorrection"][row[0]]:
+        return None
+    c = json.loads(sol["astromCorrection"][row[0]])
+    return AstrometricCorrection(int(c["ccdvisit_id"]), int(c["order"]), float(c["center_ra"]), float(c["center_dec"]),
+                                 float(c["x0"]), float(c["y0"]), float(c["scale"]), tuple(c["xi_coeffs"]),
+                                 tuple(c["eta_coeffs"]))
+
+
+def _object_position_error_mas(t: dict[str, np.ndarray], pix_arcsec: float) -> np.ndarray:
+    """Per-axis error (mas) of the Objects' coadd positions: sqrt(2) sigma / (S/N), the centroid error
+    of a background-limited PSF fit (sigma the Gaussian width, from the reference band's moments;
+    sources brighter than the sky do better, by up to sqrt(2)).  NaN where the S/N is not positive."""
+    n = len(t["objectId"])
+    snr, size = np.full(n, np.nan), np.full(n, np.nan)
+    ref_band = np.asarray(t.get("refBand", np.full(n, "")), str)
+    for b in np.unique(ref_band):
+        if f"{b}_psfFlux" not in t:
+            continue
+        r = ref_band == b
+        snr[r] = t[f"{b}_psfFlux"][r] / t[f"{b}_psfFluxErr"][r]
+        if f"{b}_ixx" in t:
+            size[r] = np.sqrt(0.5 * (t[f"{b}_ixx"][r] + t[f"{b}_iyy"][r]))
+    ok = np.isfinite(size) & (size > 0)
+    size = np.where(ok, size, np.median(size[ok]) if ok.any() else 2.0)  # no moments: the table's typical size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(snr > 0, np.sqrt(2.0) * size * pix_arcsec * 1000.0 / snr, np.nan)
