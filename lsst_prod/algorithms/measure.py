@@ -143,7 +143,12 @@ def _psf_centroid(psf, d, v, g, bw, x, y, n_iter: int = 8):
         if max(abs(step[1]), abs(step[2])) < 1e-4:
             break
     cov = ninv @ ((design * (wts * wts * v).ravel()) @ design.T) @ ninv
-    return x, y, math.sqrt(cov[1, 1]), math.sqrt(cov[2, 2]), bool(np.isfinite(cov[1:, 1:]).all())
+    if not (np.isfinite(cov[1:, 1:]).all() and 0 < cov[1, 1] < size**2 and 0 < cov[2, 2] < size**2):
+        # a nearly singular normal matrix (usable pixels on one row at the stamp's edge) gives a
+        # variance rounded negative, or larger than the stamp: no centroid, rather than an
+        # exception that fails the quantum or an error of millions of pixels
+        return x, y, np.nan, np.nan, False
+    return x, y, math.sqrt(cov[1, 1]), math.sqrt(cov[2, 2]), True
 
 
 def _fit_blend(image, var, good, bgvar, stamps, ixs, iys):
