@@ -40,8 +40,8 @@ from scipy.spatial import cKDTree
 from . import masks
 from .astrometry import propagate_positions
 from .measure import _gather
-from .relcal_astrometry import AstrometricCorrection, gnomonic, inverse_gnomonic
-from .relcal_normals import MAS_PER_RAD, poly_basis
+from .relcal_astrometry import gnomonic, remove_astrometric_correction  # noqa: F401 (re-exported)
+from .relcal_normals import MAS_PER_RAD
 
 JULIAN_YEAR_DAYS = 365.25
 
@@ -306,17 +306,3 @@ def match_objects_to_stars(obj_ra, obj_dec, obj_err_mas, star_ra, star_dec, star
         used_o[i[k]] = used_s[j[k]] = True
         out["star"][i[k]], out["chi2"][i[k]] = j[k], chi2[k]
     return out
-
-
-def remove_astrometric_correction(correction: AstrometricCorrection, x, y, ra, dec) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`~lsst_prod.algorithms.relcal_astrometry.apply_astrometric_correction`:
-    the single-frame-WCS (ra, dec) (deg) whose calibrated position is (ra, dec), for sources at
-    pixel (x, y) of that ccdvisit (the correction P(u, v), a few mas, is subtracted from the
-    standard coordinates: it varies over arcminutes, so (x, y) from the calibrated position is
-    exact to far below a micro-arcsecond)."""
-    c = correction
-    b = poly_basis((np.asarray(x, float) - c.x0) / c.scale, (np.asarray(y, float) - c.y0) / c.scale, c.order)
-    xi, eta = gnomonic(ra, dec, c.center_ra, c.center_dec)
-    xi = xi - (b @ np.asarray(c.xi_coeffs, float)) / MAS_PER_RAD
-    eta = eta - (b @ np.asarray(c.eta_coeffs, float)) / MAS_PER_RAD
-    return inverse_gnomonic(xi, eta, c.center_ra, c.center_dec)

@@ -320,6 +320,51 @@ def apply_astrometric_correction(coeffs: AstrometricCorrection, x, y, ra, dec) -
     return inverse_gnomonic(xi, eta, coeffs.center_ra, coeffs.center_dec)
 
 
+def remove_astrometric_correction(correction: AstrometricCorrection, x, y, ra, dec) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`apply_astrometric_correction`: the single-frame-WCS (ra, dec) (deg) whose
+    calibrated position is (ra, dec), for sources at pixel (x, y) of that ccdvisit.  The correction
+    P(u, v) (a few to a hundred mas) is subtracted from the standard coordinates; it varies over
+    thousands of pixels, so (x, y) found from the calibrated position is exact to far below a
+    micro-arcsecond."""
+    c = correction
+    b = poly_basis((np.asarray(x, float) - c.x0) / c.scale, (np.asarray(y, float) - c.y0) / c.scale, c.order)
+    xi, eta = gnomonic(ra, dec, c.center_ra, c.center_dec)
+    xi = xi - (b @ np.asarray(c.xi_coeffs, float)) / MAS_PER_RAD
+    eta = eta - (b @ np.asarray(c.eta_coeffs, float)) / MAS_PER_RAD
+    return inverse_gnomonic(xi, eta, c.center_ra, c.center_dec)
+
+
+class CorrectedWcs:
+    """A calexp's single-frame WCS with relcal's correction of its ccdvisit applied: the pixel <->
+    sky mapping of the calibrated frame, with the two astropy methods the resampling kernels call
+    (``all_pix2world``, ``all_world2pix``; origin 0 or 1 as astropy's).  ``sip`` is the wrapped
+    WCS's (the resampling uses ``all_world2pix`` when it is set) or True."""
+
+    def __init__(self, wcs, correction: AstrometricCorrection):
+        self.wcs, self.correction = wcs, correction
+        self.sip = getattr(wcs, "sip", None) or True
+
+    def all_pix2world(self, x, y, origin: int, **_kw):
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        ra, dec = self.wcs.all_pix2world(x, y, origin)
+        return apply_astrometric_correction(self.correction, x - origin, y - origin, ra, dec)
+
+    def all_world2pix(self, ra, dec, origin: int, **kw):
+        ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+        x, y = self.wcs.all_world2pix(ra, dec, origin, **kw)
+        for _ in range(2):  # the correction at the pixel found, then once more at the corrected pixel
+            ra_sf, dec_sf = remove_astrometric_correction(self.correction, x - origin, y - origin, ra, dec)
+            x, y = self.wcs.all_world2pix(ra_sf, dec_sf, origin, **kw)
+        return x, y
+
+
+def correction_from_dict(c: dict) -> AstrometricCorrection:
+    """The correction as relcal writes it (``relcal_solution``'s ``astromCorrection`` JSON)."""
+    return AstrometricCorrection(int(c["ccdvisit_id"]), int(c["order"]), float(c["center_ra"]), float(c["center_dec"]),
+                                 float(c["x0"]), float(c["y0"]), float(c["scale"]),
+                                 tuple(float(v) for v in c["xi_coeffs"]), tuple(float(v) for v in c["eta_coeffs"]))
+
+
 @dataclass(frozen=True, eq=False)
 class AstrometricSolution:
     """Result of :func:`solve_astrometric` / :func:`fit_astrometry`.

@@ -124,6 +124,9 @@ class WarpConfig(StageConfig):
 
     kernel: Literal["lanczos3", "lanczos2", "bilinear"] = "lanczos3"
     grid_step: int = Field(32, ge=4, description="pixels between exact WCS evaluations (mapping interpolated)")
+    relcal_astrometry: bool = Field(True, description="resample each calexp from relcal's calibrated frame (its "
+                                                      "single-frame WCS plus the ccdvisit's astrometric correction) "
+                                                      "when the run has a relcal_solution; false: the single-frame WCS")
 
 
 class CoaddConfig(StageConfig):

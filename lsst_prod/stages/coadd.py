@@ -31,7 +31,8 @@ from ..errors import AlgorithmError, NoWorkFound
 from ..repo import DataId
 from ..repo.formats import Exposure, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
-from .common import box_wcs_header, relcal_zero_point, relcal_zero_points, wcs_from_header
+from .common import (box_wcs_header, calibrated_wcs, relcal_astrometric_corrections, relcal_zero_point,
+                     relcal_zero_points, wcs_from_header)
 
 COADD_TYPES = {"deep": "coadd", "best_seeing": "coadd_bestSeeing"}
 POINTING_MARGIN_PIX = 200  # nominal detector footprints are grown by this much when planning
@@ -92,12 +93,15 @@ class WarpStage(Stage):
         p = skymap.patch_info(tract, patch)
         dst_wcs = t.wcs()
         zps = relcal_zero_points(ctx)
+        # relcal's astrometric corrections: each calexp is resampled from the calibrated frame (the
+        # single-frame WCS plus its ccdvisit's correction), so every visit lands where the others do
+        corrections = relcal_astrometric_corrections(ctx) if cfg.relcal_astrometry else {}
         ny, nx = p.outer_shape
         image = np.zeros((ny, nx), np.float32)
         variance = np.zeros((ny, nx), np.float32)
         mask = np.full((ny, nx), masks.NO_DATA, np.uint32)
         meta: dict = {}
-        fwhms, n_used = [], 0
+        fwhms, n_used, n_corrected = [], 0, 0
         psf_stamp, best_valid = None, -1
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
@@ -108,8 +112,10 @@ class WarpStage(Stage):
                 ctx.exclude("calexp", ref.data_id, str(e))
                 continue
             njy_per_e = 10 ** (-0.4 * (zp - 31.4))
+            src_wcs = calibrated_wcs(wcs_from_header(exp.wcs_header), corrections, int(ctx.data_id["visit"]), det)
+            n_corrected += not isinstance(src_wcs, WCS)
             try:
-                w = warp_exposure(exp.image, exp.variance, exp.mask, wcs_from_header(exp.wcs_header), dst_wcs,
+                w = warp_exposure(exp.image, exp.variance, exp.mask, src_wcs, dst_wcs,
                                   p.outer, kernel=cfg.kernel, grid_step=cfg.grid_step, flux_scale=njy_per_e)
             except NoWorkFound:
                 continue
@@ -123,17 +129,19 @@ class WarpStage(Stage):
             if exp.psf is not None:
                 # this visit's PSF as it appears at the patch centre (fallback coadd PSF, see CoaddStage)
                 cx, cy = (p.outer[0] + p.outer[2]) / 2.0, (p.outer[1] + p.outer[3]) / 2.0
-                stamp = warp_psf(PsfModel.from_fits(*exp.psf), wcs_from_header(exp.wcs_header), dst_wcs, cx, cy)
+                stamp = warp_psf(PsfModel.from_fits(*exp.psf), src_wcs, dst_wcs, cx, cy)
                 if psf_stamp is None or w.n_valid > best_valid:
                     psf_stamp, best_valid = stamp, w.n_valid
         if n_used == 0:
             raise NoWorkFound(f"no calexp of visit {ctx.data_id['visit']} overlaps tract {tract} patch {patch}")
         meta.update({"VISIT": int(ctx.data_id["visit"]), "TRACT": tract, "PATCH": patch, "NDETECT": n_used,
-                     "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(zps)})
+                     "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(zps),
+                     "RELCALWC": int(n_corrected)})
         extra = {"PSFSTAMP": (psf_stamp.astype(np.float64), {})} if psf_stamp is not None else {}
         out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))
-        ctx.summary.update(n_detectors=n_used, valid_fraction=float(((mask & masks.NO_DATA) == 0).mean()))
+        ctx.summary.update(n_detectors=n_used, n_relcal_wcs=int(n_corrected),
+                           valid_fraction=float(((mask & masks.NO_DATA) == 0).mean()))
 
 
 class CoaddStage(Stage):

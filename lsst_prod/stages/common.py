@@ -160,6 +160,34 @@ def relcal_zero_points(ctx) -> dict[tuple[int, int], float]:
     return {(int(v), int(d)): float(z) for v, d, z in zip(sol["visit"], sol["detector"], sol["zeroPoint"])}
 
 
+def relcal_astrometric_corrections(ctx) -> dict[tuple[int, int], "AstrometricCorrection"]:
+    """(visit, detector) -> relcal's astrometric correction of that ccdvisit, when the quantum reads a
+    relcal_solution (empty otherwise; ccdvisits set aside, or a solution without astrometry, have
+    none: their single-frame WCS is used)."""
+    import json
+
+    from ..algorithms.relcal_astrometry import correction_from_dict
+    from ..repo.formats import read_columns
+
+    refs = ctx.inputs_of("relcal_solution")
+    if not refs:
+        return {}
+    sol = read_columns(ctx.repo.path_of(refs[0]))
+    if "astromCorrection" not in sol:
+        return {}
+    return {(int(v), int(d)): correction_from_dict(json.loads(c))
+            for v, d, c in zip(sol["visit"], sol["detector"], sol["astromCorrection"]) if c}
+
+
+def calibrated_wcs(wcs: WCS, corrections: dict, visit: int, detector: int):
+    """The calexp's WCS in relcal's calibrated frame (a CorrectedWcs) when relcal corrected this
+    ccdvisit, else the WCS itself."""
+    from ..algorithms.relcal_astrometry import CorrectedWcs
+
+    corr = corrections.get((int(visit), int(detector)))
+    return CorrectedWcs(wcs, corr) if corr is not None else wcs
+
+
 def wcs_from_header(header: dict) -> WCS:
     """An astropy WCS from the FITS cards of an image HDU (TAN or TAN-SIP)."""
     keys = {k: v for k, v in header.items()

@@ -26,14 +26,12 @@ from ..algorithms.deblend import deblend_footprints
 from ..algorithms.masks import DETECTED, UNUSABLE
 from ..algorithms.detect import detect_sources
 from ..algorithms.footprints import Footprints
-from ..algorithms.forced import (forced_psf_photometry, match_objects_to_stars, propagate_object_positions,
-                                  remove_astrometric_correction)
+from ..algorithms.forced import forced_psf_photometry, match_objects_to_stars, propagate_object_positions
 from ..algorithms.kron import kron_photometry
 from ..algorithms.measure import measure_sources
 from ..algorithms.merge import merge_detections
 from ..algorithms.apcorr import apcorr_measure_radius
 from ..algorithms.psf import PsfModel, apcorr_radius
-from ..algorithms.relcal_astrometry import AstrometricCorrection
 from ..config.stages import ForcedConfig, ObjectsConfig
 from ..errors import NoWorkFound
 from ..ids import ObjectIdFactory
@@ -41,8 +39,8 @@ from ..repo import DataId
 from ..repo.formats import read_columns, read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
-from .common import (diffraction_pixels, fit_apcorr_clean, relcal_zero_point, relcal_zero_points, sky_annulus_for,
-                     wcs_from_header)
+from .common import (calibrated_wcs, diffraction_pixels, fit_apcorr_clean, relcal_astrometric_corrections,
+                     relcal_zero_point, relcal_zero_points, sky_annulus_for, wcs_from_header)
 
 PEAK_SMOOTHING = 0.5  # peak-finding image: Gaussian of 0.5 sigma_PSF (docs/algorithms-objects.md)
 MEASURED = ("psfFlux", "psfFluxErr", "ap12Flux", "ap12FluxErr", "ap25Flux", "ap25FluxErr", "gaussianFlux",
@@ -280,11 +278,11 @@ class ForcedStage(Stage):
             ras[moved], decs[moved] = propagate_object_positions(
                 stars["ra"][k], stars["dec"][k], stars["pmRa"][k], stars["pmDec"][k], stars["parallax"][k],
                 ref_mjd=float(stars["epochMjd"][0]), target_mjd=mjd)
-        x, y = wcs.all_world2pix(ras, decs, 0)
-        corr = _relcal_correction(ctx, visit, detector) if moved.any() else None
-        if corr is not None:  # relcal's frame -> this calexp's single-frame WCS, where the light is
-            ra_sf, dec_sf = remove_astrometric_correction(corr, x[moved], y[moved], ras[moved], decs[moved])
-            x[moved], y[moved] = wcs.all_world2pix(ra_sf, dec_sf, 0)
+        # Objects (made from warps resampled from relcal's calibrated frame) and the stars' tracks are in
+        # that frame: relcal's correction of this ccdvisit is removed to find where their light is
+        corrections = relcal_astrometric_corrections(ctx)
+        corr = corrections.get((visit, detector))
+        x, y = calibrated_wcs(wcs, corrections, visit, detector).all_world2pix(ras, decs, 0)
         ny, nx = exp.image.shape
         on = (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
         if not on.any():
@@ -323,21 +321,6 @@ def _relcal_stars(ctx: QuantumContext) -> dict[str, np.ndarray] | None:
     planned before relcal wrote it)."""
     refs = ctx.inputs_of("relcal_stars")
     return read_columns(ctx.repo.path_of(refs[0])) if refs else None
-
-
-def _relcal_correction(ctx: QuantumContext, visit: int, detector: int) -> AstrometricCorrection | None:
-    """relcal's astrometric correction of (visit, detector) (None without one: set aside, no relcal)."""
-    refs = ctx.inputs_of("relcal_solution")
-    if not refs:
-        return None
-    sol = read_columns(ctx.repo.path_of(refs[0]), ["visit", "detector", "astromCorrection"])
-    row = np.flatnonzero((sol["visit"] == visit) & (sol["detector"] == detector))
-    if not len(row) or not sol["astromCorrection"][row[0]]:
-        return None
-    c = json.loads(sol["astromCorrection"][row[0]])
-    return AstrometricCorrection(int(c["ccdvisit_id"]), int(c["order"]), float(c["center_ra"]), float(c["center_dec"]),
-                                 float(c["x0"]), float(c["y0"]), float(c["scale"]), tuple(c["xi_coeffs"]),
-                                 tuple(c["eta_coeffs"]))
 
 
 def _object_position_error_mas(t: dict[str, np.ndarray], pix_arcsec: float) -> np.ndarray:
