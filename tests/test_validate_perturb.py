@@ -267,3 +267,86 @@ def test_cli_strict_fails_on_inflated_errors_on_disk(chain_run, capsys):
     finally:
         for p, b in saved.items():
             p.write_bytes(b)
+
+
+# ------------------------------------------------------------------ what the sky cannot test
+def test_zero_point_bound_follows_the_reference_catalogue(loaded):
+    """The zero-point bound is 10 mmag in quadrature with the refcat's own error on each detector's
+    stars (from the truth): a refcat 50 mmag off widens it; a 30 mmag calibration error with an exact
+    refcat fails."""
+    from dataclasses import replace
+
+    ccds = loaded[0]
+    assert all(c.ref_dmag is not None for c in ccds)
+    exact = [replace(c, ref_dmag=np.where(np.isfinite(c.ref_dmag), 0.0, np.nan)) for c in ccds]
+    m, ck = score_single_frame(exact)
+    assert m["photometry_zp_refcat_floor_mmag"] == 0.0 and ck["photometry_zp_error_mmag"]["bound"] == "<= 10"
+    _, ck2 = score_single_frame([replace(c, zp_fit=c.zp_fit + 0.03) for c in exact])
+    assert _status(ck2, "photometry_zp_error_mmag") == "fail"
+    off = [replace(c, ref_dmag=c.ref_dmag * 0 + 0.05) for c in ccds]
+    m3, ck3 = score_single_frame(off)
+    assert abs(m3["photometry_zp_refcat_floor_mmag"] - 50.0) < 1e-6
+    assert abs(float(ck3["photometry_zp_error_mmag"]["bound"].split()[-1]) - np.hypot(10, 50)) < 0.01
+
+
+def test_sparse_sky_reserved_astrometry_is_insufficient_dense_sky_missing(loaded):
+    """No reserved star scored: insufficient where no detector holds 25 reference stars (from the
+    truth), a failure where the sky had enough to spare."""
+    ccds = []
+    for c in loaded[0]:
+        src = c.with_src(calib_astrometry_reserved=np.zeros(len(c.src["x"]), bool))
+        ccds.append(src)
+    m, ck = score_single_frame(ccds)
+    dense = max(int(np.sum(c.truth["is_ref"])) for c in ccds) >= 25
+    sparse = []
+    for c in ccds:
+        is_ref = np.zeros(len(c.truth["x"]), bool)
+        is_ref[np.flatnonzero(c.truth["is_ref"])[:5]] = True
+        sparse.append(type(c)(**{**c.__dict__, "truth": {**c.truth, "is_ref": is_ref}}))
+    _, ck_s = score_single_frame(sparse)
+    assert _status(ck_s, "astrometry_reserved_rms_mas") == "insufficient", ck_s["astrometry_reserved_rms_mas"]
+    assert dense  # the test survey's detectors hold enough reference stars to spare some
+    req = C.require(ck, {"single_frame"})
+    assert req["astrometry_reserved_rms_mas"]["status"] == "missing" and not C.all_pass(req)
+
+
+def test_sky_without_close_pairs_makes_deblending_insufficient(loaded):
+    inp = loaded[1]
+    from dataclasses import replace
+    from scipy.spatial import cKDTree
+
+    T = inp.truth
+    u = unit_vectors(T["ra_t"], T["dec_t"])
+    kind = np.asarray(T["kind"]).copy()
+    for a, b in cKDTree(u).query_pairs(chord(2 * inp.fwhm_arcsec), output_type="ndarray"):
+        kind[b] = "galaxy"  # no two stars closer than 2 FWHM remain
+    m, ck = score_objects(replace(inp, truth={**T, "kind": kind}))
+    assert m["deblend_n_pairs"] == 0
+    for name in ("deblend_flux_error_median", "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"):
+        assert _status(ck, name) == "insufficient", ck[name]
+        assert C.require(ck, {"objects"})[name]["status"] == "insufficient"
+    _, ck0 = score_objects(inp)
+    assert _status(ck0, "deblend_resolved_fraction") in ("pass", "fail")
+
+
+def test_empty_variability_bins_insufficient_only_when_the_truth_lacks_variables(loaded):
+    inp = loaded[1]
+    from dataclasses import replace
+
+    T = inp.truth
+    var = np.asarray(T["is_variable"], bool)
+    few = var.copy()
+    few[np.flatnonzero(var)[3:]] = False  # a sky with 3 variable stars
+    m, ck = score_forced(replace(inp, truth={**T, "is_variable": few}))
+    assert m["forced_variable_n_truth"] <= 3
+    empty = [n for lo, hi in C.VAR_BINS if m.get((n := C.var_name(lo, hi)) + "_n") == 0]
+    assert empty and all(_status(ck, n) == "insufficient" for n in empty)
+    # a sky rich in variables whose light curves are all lost: every bin is missing
+    f = inp.forced
+    j = match_truth(inp)
+    var_oids = set(inp.obj["objectId"][j[var & (j >= 0)]].tolist())
+    keep = ~np.isin(f["objectId"], list(var_oids))
+    m2, ck2 = score_forced(replace(inp, forced={k: v[keep] for k, v in f.items()}))
+    assert m2["forced_variable_n_truth"] >= 20  # the test survey has enough variables (56)
+    req = C.require(ck2, {"forced"})
+    assert all(req[C.var_name(lo, hi)]["status"] == "missing" for lo, hi in C.VAR_BINS)

@@ -337,6 +337,15 @@ def score_objects(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str
             m["deblend_flux_error_median_resolvable"] = float("nan")
             ck["deblend_flux_error_median_resolvable"] = C.check(float("nan"), "<=", 1.0, insufficient=True,
                                                                  note="no resolvable pair")
+    else:
+        # the truth holds no such pair (a sparse sky): nothing to score, whatever the pipeline did
+        # (the pairs come from the truth alone, so an output cannot empty this set)
+        note = (f"no pair of truth stars closer than {DEBLEND_PAIR_FWHM:g} FWHM with both inner and at "
+                f"expected S/N > 10: the sky offers nothing to score")
+        for name in ("deblend_flux_error_median", "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"):
+            m[name] = float("nan")
+            ck[name] = C.check(float("nan"), ">=" if name == "deblend_resolved_fraction" else "<=", 1.0 if
+                               name != "deblend_resolved_fraction" else 0.0, insufficient=True, note=note)
     return m, ck
 
 
@@ -440,6 +449,9 @@ def score_forced(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str,
             const_chi.append(chi2 / dof)
             const_dof.append(dof)
     vr, rec, pw = np.asarray(var_ratio), np.asarray(var_rec, bool), np.asarray(var_pow)
+    snr_best = np.max(np.vstack([inp.snr[b] for b in inp.bands]), axis=0)
+    n_var_truth = int(np.sum((T["kind"] == "star") & variable & inp.inner & (snr_best > 10)))
+    m["forced_variable_n_truth"] = n_var_truth
 
     def rec_check(sel: np.ndarray, name: str, min_n: int) -> None:
         n = int(sel.sum())
@@ -448,7 +460,11 @@ def score_forced(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str,
             if min_n == 0:
                 return
             m[name] = float("nan")
-            ck[name] = C.check(float("nan"), ">=", 0.0)
+            # empty because the sky holds too few variable stars to fill the bins (the count is from the
+            # truth alone): insufficient; with enough of them an empty bin is the pipeline's (missing)
+            ck[name] = C.check(float("nan"), ">=", 0.0, insufficient=n_var_truth < VAR_MIN_STARS * len(C.VAR_BINS),
+                               note=f"no variable star in this bin; the truth holds {n_var_truth} variable stars "
+                                    "inner and at expected coadd S/N > 10")
             return
         p = pw[sel]
         expected = float(p.mean())

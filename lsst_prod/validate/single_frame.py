@@ -65,6 +65,11 @@ ISOLATION_FWHM = 3.0
 ASTROMETRY_SNR = 100.0
 ASTROMETRY_MAX_MAS = 20.0
 ZP_MAX_MMAG = 10.0
+#: a sky whose detectors all hold fewer reference stars than this has none to spare for held-out
+#: scoring (a 3rd-order SIP fit wants 20 anchors, plus a 20 % reserve): astrometry_reserved_rms_mas is
+#: then insufficient.  Counted from the truth (saturated and faint ones too), so never below what the
+#: pipeline saw.
+RESERVE_MIN_REFS = 25
 COMPLETENESS_MIN = 0.98
 PULL_MIN_STARS = 30
 #: unmodelled per-star fractional flux error allowed at high S/N: 3 mmag (SRD PA1 stretch goal)
@@ -100,6 +105,9 @@ class CcdInputs:
     fwhm_pix: float
     shape: tuple[int, int]  # (ny, nx)
     bad_columns: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    #: per truth row: reference-catalogue magnitude minus true mean magnitude in the ccdvisit's band
+    #: (NaN for stars not in the refcat); None when unknown (then no reference-limited floor)
+    ref_dmag: np.ndarray | None = None
 
     def with_src(self, **cols: np.ndarray) -> "CcdInputs":
         return replace(self, src={**self.src, **cols})
@@ -138,8 +146,10 @@ def load_single_frame(repo: Repository, run: str) -> list[CcdInputs]:
         raise FileNotFoundError(f"no simulator truth in {repo.root}: validation needs a simulated repository")
     ct = read_columns(repo.path_of(ccd_truth_ref))
     tkey = {(int(v), int(d)): i for i, (v, d) in enumerate(zip(ct["visit"], ct["detector"]))}
-    tobj = read_columns(repo.get_path("truth_objects", {}, truth_runs), ["truth_id", "ref_id"])
+    tobj = read_columns(repo.get_path("truth_objects", {}, truth_runs))
     ref_of = dict(zip(tobj["truth_id"].tolist(), (tobj["ref_id"] >= 0).tolist()))
+    row_of = {int(t): i for i, t in enumerate(tobj["truth_id"])}
+    refcat = _load_refcat(repo)
     out = []
     for sref in repo.query("source", [run]):
         visit, det = int(sref.data_id["visit"]), int(sref.data_id["detector"])
@@ -157,10 +167,35 @@ def load_single_frame(repo: Repository, run: str) -> list[CcdInputs]:
             shape, bad = defects.shape, np.flatnonzero(defects.any(axis=0))
         else:
             shape, bad = (int(ccd["ySize"][0]), int(ccd["xSize"][0])), np.zeros(0, int)
+        band = str(ccd["band"][0]) if "band" in ccd else None
         out.append(CcdInputs(visit, det, truth, src, float(ccd["zeroPoint"][0]), float(ct["zero_point"][i]),
                              float(ct["sky_e_per_pix"][i]),
                              float(ct["read_noise"][i]) if "read_noise" in ct else 5.0,
-                             float(ct["psf_fwhm_pix"][i]), (int(shape[0]), int(shape[1])), bad))
+                             float(ct["psf_fwhm_pix"][i]), (int(shape[0]), int(shape[1])), bad,
+                             ref_dmag=_ref_dmag(truth["truth_id"], band, tobj, row_of, refcat)))
+    return out
+
+
+def _load_refcat(repo: Repository) -> dict[str, np.ndarray] | None:
+    refs = repo.query("refcat")
+    return read_columns(repo.path_of(refs[0])) if refs else None
+
+
+def _ref_dmag(truth_id: np.ndarray, band: str | None, tobj: dict[str, np.ndarray], row_of: dict[int, int],
+              refcat: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    """Refcat magnitude minus true mean magnitude in ``band`` per truth row (NaN: not in the refcat)."""
+    if refcat is None or band is None or f"{band}_flux" not in refcat or f"{band}_flux" not in tobj:
+        return None
+    ref_row = {int(r): k for k, r in enumerate(refcat["ref_id"])}
+    out = np.full(len(truth_id), np.nan)
+    for n, t in enumerate(np.asarray(truth_id).tolist()):
+        i = row_of.get(int(t))
+        if i is None or tobj["ref_id"][i] < 0:
+            continue
+        k = ref_row.get(int(tobj["ref_id"][i]))
+        f_true = float(tobj[f"{band}_flux"][i])
+        if k is not None and f_true > 0 and refcat[f"{band}_flux"][k] > 0:
+            out[n] = -2.5 * math.log10(float(refcat[f"{band}_flux"][k]) / f_true)
     return out
 
 
@@ -183,6 +218,19 @@ def _match_ccd(c: CcdInputs) -> dict[str, np.ndarray]:
     star = t["kind"] == "star"
     clean = star & isolated & inside & ~near_bad & ~np.asarray(t["is_saturated"], bool)
     return {"j": j, "snr": snr, "clean": clean}
+
+
+def _reference_floor(c: CcdInputs, mt: dict[str, np.ndarray]) -> float:
+    """The zero-point error (mag) a pipeline inherits from the reference catalogue on this ccdvisit:
+    the mean of refcat-minus-true magnitudes over the refcat stars it could calibrate on (on the
+    detector away from the edges, unsaturated, expected S/N > 10).  NaN without refcat information."""
+    if c.ref_dmag is None:
+        return float("nan")
+    t = c.truth
+    ny, nx = c.shape
+    usable = (np.isfinite(c.ref_dmag) & ~np.asarray(t["is_saturated"], bool) & (mt["snr"] > 10)
+              & (t["x"] > EDGE_PIX) & (t["x"] < nx - 1 - EDGE_PIX) & (t["y"] > EDGE_PIX) & (t["y"] < ny - 1 - EDGE_PIX))
+    return float(np.mean(c.ref_dmag[usable])) if usable.any() else float("nan")
 
 
 def _sep_mas(src: dict[str, np.ndarray], j: np.ndarray, truth: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray:
@@ -239,8 +287,8 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
     if not ccds:
         return {}, {}
     sep_all, sep_res, sep_used, sep_nonref = [], [], [], []
-    pulls, pull_snr, zp_diff, per_ccd = [], [], [], []
-    n_complete = n_eligible = n_matched = 0
+    pulls, pull_snr, zp_diff, per_ccd, ref_floor = [], [], [], [], []
+    n_complete = n_eligible = n_matched = max_refs_on_ccd = 0
     have_reserved = all("calib_astrometry_reserved" in c.src for c in ccds)
     for c in ccds:
         t, s = c.truth, c.src
@@ -249,6 +297,10 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
         matched = j >= 0
         n_matched += int(matched.sum())
         zp_diff.append(c.zp_fit - c.zp_true)
+        ref_floor.append(_reference_floor(c, mt))
+        ny, nx = c.shape
+        on_ccd = (t["x"] >= 0) & (t["x"] <= nx - 1) & (t["y"] >= 0) & (t["y"] <= ny - 1)
+        max_refs_on_ccd = max(max_refs_on_ccd, int(np.sum(np.asarray(t["is_ref"], bool) & on_ccd)))
         elig = clean & (snr > 10)
         n_eligible += int(elig.sum())
         n_complete += int((elig & matched).sum())
@@ -281,6 +333,9 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
     m["photometry_zp_error_mmag"] = float(1000 * np.sqrt(np.mean(zp**2)))
     m["photometry_zp_error_max_mmag"] = float(1000 * np.max(np.abs(zp)))
     m["photometry_zp_bias_mmag"] = float(1000 * np.mean(zp))
+    floor = np.asarray(ref_floor, float)
+    floor = floor[np.isfinite(floor)]
+    m["photometry_zp_refcat_floor_mmag"] = float(1000 * np.sqrt(np.mean(floor**2))) if len(floor) else 0.0
     m["completeness_snr10_isolated_stars"] = n_complete / n_eligible if n_eligible else float("nan")
     m["completeness_n_stars"] = n_eligible
     pull = np.concatenate(pulls) if pulls else np.zeros(0)
@@ -297,7 +352,22 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
             n_key = {"astrometry_rms_mas": "astrometry_n_stars", "astrometry_reserved_rms_mas":
                      "astrometry_reserved_n_stars", "astrometry_nonref_rms_mas": "astrometry_nonref_n_stars",
                      "completeness_snr10_isolated_stars": "completeness_n_stars"}.get(name)
-            ck[name] = C.check(m[name], op, b, note=f"n={m[n_key]}" if n_key else None)
+            note = f"n={m[n_key]}" if n_key else None
+            if name == "photometry_zp_error_mmag":
+                # the pipeline's own 10 mmag, in quadrature with what the reference catalogue's errors on the
+                # stars of each detector make unavoidable (from the truth: 0 for a perfect refcat)
+                b = math.hypot(b, m["photometry_zp_refcat_floor_mmag"])
+                note = (f"{len(ccds)} ccdvisits; bound sqrt({ZP_MAX_MMAG:g}^2 + refcat floor "
+                        f"{m['photometry_zp_refcat_floor_mmag']:.1f}^2)")
+            ck[name] = C.check(m[name], op, b, note=note)
+    if have_reserved and m.get("astrometry_reserved_n_stars", 0) == 0 and max_refs_on_ccd < RESERVE_MIN_REFS:
+        # no detector of the sky holds enough reference stars to spare some for scoring (counted from the
+        # truth, so a pipeline that never reserves still fails where it could have): the non-reference
+        # stars are then the out-of-sample test
+        ck["astrometry_reserved_rms_mas"] = C.check(
+            float("nan"), "<=", ASTROMETRY_MAX_MAS, insufficient=True,
+            note=f"no reserved star scored; at most {max_refs_on_ccd} reference stars on any detector "
+                 f"(< {RESERVE_MIN_REFS}): see astrometry_nonref_rms_mas")
     if not have_reserved:
         ck["astrometry_reserved_rms_mas"] = C.missing("Source tables have no calib_astrometry_reserved column: "
                                                       "no reference star was held out of the astrometric fit")
