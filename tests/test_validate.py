@@ -121,3 +121,17 @@ def test_strict_with_known_failures(monkeypatch, tmp_path, capsys):
     known.write_text("a\nc\nnot_a_metric\n")
     assert cli.main(["validate", "--strict", "--known-failures", str(known)]) == 2
     assert cli.main(["validate", "--strict"]) == 1
+
+
+def test_separation_is_right_across_ra_zero_and_near_the_pole():
+    """Truth and measurement on either side of RA = 0 are 72 mas apart at dec -31 (a raw RA difference
+    would make it 360 degrees); 100 mas at dec 89.9 (where RA degrees are 0.0017 of a degree of arc)."""
+    from lsst_prod.validate.matching import separation_mas
+
+    d = 0.036 / 3600 / np.cos(np.radians(-31.0))  # 36 mas of arc, in RA degrees
+    sep = separation_mas(np.array([360.0 - d]), np.array([-31.0]), np.array([d]), np.array([-31.0]))
+    assert abs(sep[0] - 72.0) < 1e-3
+    d = 0.1 / 3600 / np.cos(np.radians(89.9))
+    sep = separation_mas([10.0], [89.9], [10.0 + d], [89.9])
+    assert abs(sep[0] - 100.0) < 1e-2
+    assert separation_mas([], [], [], []).shape == (0,)

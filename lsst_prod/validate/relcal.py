@@ -7,8 +7,9 @@
   flux); it includes the aperture correction, which a bare ``zeroPoint`` column would not
   (``relcal_zp_rms_mmag_header`` compares that column with truth, for information).
 * ``relcal_astrometry_rms_mas`` (<= 10): rms of the angular distance between the relcal-corrected
-  positions (``source_calibrated``) of bright isolated unsaturated stars (PSF S/N > 300) and
-  their true positions at each epoch.
+  positions (``source_calibrated``) of bright isolated unsaturated stars (PSF S/N > 300), away from
+  the detector's edges and bad columns (the single-frame metrics' "clean" rule), and their true
+  positions at each epoch.
 The same quantities for the single-frame calibration (``*_single_frame``) are reported beside
 them, on the same ccdvisits and stars.  Sources are matched one-to-one to truth within 2 px
 (``matching.unique_match``).
@@ -21,15 +22,34 @@ from typing import Any
 import numpy as np
 
 from ..repo import Repository
-from ..repo.formats import read_columns
+from ..repo.formats import read_columns, read_image
 from . import checks as C
-from .matching import unique_match
+from .matching import separation_mas, unique_match
+from .single_frame import BAD_COLUMN_MARGIN_PIX, EDGE_PIX
 
 BRIGHT_SNR = 300.0
 PHOT_SNR = 100.0
 ZP_RMS_MAX_MMAG = 5.0
 ASTROMETRY_RMS_MAX_MAS = 10.0
 
+
+
+def _clean_pixels(repo: Repository, did, t: dict[str, np.ndarray]) -> np.ndarray:
+    """Truth rows away from the detector's edges and bad columns, as the single-frame metrics require
+    (the calibration's defects, known before any processing: a star on an interpolated bad column has
+    a centroid off by ~0.5 px, which the pipeline flags and no WCS can fix)."""
+    dref = repo.find("defects", {"instrument": did["instrument"], "detector": did["detector"]},
+                     [f"{did['instrument']}/calib"])
+    if dref is None:
+        return np.ones(len(t["x"]), bool)
+    defects = read_image(repo.path_of(dref))[0].astype(bool)
+    ny, nx = defects.shape
+    x, y = np.asarray(t["x"], float), np.asarray(t["y"], float)
+    ok = (x > EDGE_PIX) & (x < nx - 1 - EDGE_PIX) & (y > EDGE_PIX) & (y < ny - 1 - EDGE_PIX)
+    bad = np.flatnonzero(defects.any(axis=0))
+    if len(bad):
+        ok &= np.min(np.abs(x[:, None] - bad[None, :]), axis=1) >= BAD_COLUMN_MARGIN_PIX
+    return ok
 
 
 def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
@@ -63,7 +83,7 @@ def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str
         leaf = cal["deblend_nChild"] == 0
         j = unique_match(np.column_stack([t["x"], t["y"]]), np.column_stack([cal["x"][leaf], cal["y"][leaf]]), 2.0)
         ok = (j >= 0) & (t["kind"] == "star") & ~t["is_saturated"].astype(bool) & (
-            (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01))
+            (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01)) & _clean_pixels(repo, did, t)
         jj = np.flatnonzero(leaf)[j[ok]]
         snr = cal["psfFlux"][jj] / cal["psfFluxErr"][jj]
         phot = snr > PHOT_SNR
@@ -72,9 +92,8 @@ def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str
             eff_sf.append(float(np.median(2.5 * np.log10(sf["psfFlux"][jj][phot] / t["flux_nJy"][ok][phot]))))
         bright = snr > BRIGHT_SNR
         for store, table in ((sep_rel, cal), (sep_sf, sf)):
-            dra = (table["ra"][jj][bright] - t["ra"][ok][bright]) * np.cos(np.radians(t["dec"][ok][bright]))
-            ddec = table["dec"][jj][bright] - t["dec"][ok][bright]
-            store.append(np.hypot(dra, ddec) * 3.6e6)
+            store.append(separation_mas(table["ra"][jj][bright], table["dec"][jj][bright],
+                                        t["ra"][ok][bright], t["dec"][ok][bright]))
     sep_rel = np.concatenate(sep_rel) if sep_rel else np.array([np.nan])
     sep_sf = np.concatenate(sep_sf) if sep_sf else np.array([np.nan])
     m = {

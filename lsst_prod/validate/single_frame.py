@@ -56,7 +56,7 @@ from scipy import stats
 from ..repo import Repository
 from ..repo.formats import read_columns, read_image
 from . import checks as C
-from .matching import unique_match
+from .matching import separation_mas, unique_match
 
 MATCH_RADIUS_PIX = 2.0
 EDGE_PIX = 20
@@ -234,9 +234,7 @@ def _reference_floor(c: CcdInputs, mt: dict[str, np.ndarray]) -> float:
 
 
 def _sep_mas(src: dict[str, np.ndarray], j: np.ndarray, truth: dict[str, np.ndarray], sel: np.ndarray) -> np.ndarray:
-    dra = (src["ra"][j[sel]] - truth["ra"][sel]) * np.cos(np.radians(truth["dec"][sel]))
-    ddec = src["dec"][j[sel]] - truth["dec"][sel]
-    return np.hypot(dra, ddec) * 3.6e6
+    return separation_mas(src["ra"][j[sel]], src["dec"][j[sel]], truth["ra"][sel], truth["dec"][sel])
 
 
 def _rms(x: list[np.ndarray]) -> tuple[float, int]:
