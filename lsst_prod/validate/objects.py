@@ -78,6 +78,8 @@ from .matching import chord, unique_match, unit_vectors
 
 MATCH_ARCSEC = 0.5
 COADD_RATIO_BOUNDS = (0.995, 1.005)
+#: a patch-band's own coadd flux ratio is checked with at least this many stars
+PATCH_RATIO_MIN_STARS = 30
 COMPLETENESS_ALLOWANCE = 0.03
 DEBLEND_PAIR_FWHM = 2.0
 DEBLEND_CHILD_ERROR = 0.05
@@ -254,15 +256,46 @@ def score_objects(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str
     # 1. coadd flux ratio of stars
     ratios = []
     nonvar = star & ~np.asarray(T["is_variable"], bool)
+    per_patch = []  # (tract, patch, band, median ratio, n, allowed deviation)
+    has_patch = "patch" in obj and "tract" in obj
     for b in bands:
         f, fe = obj[f"{b}_psfFlux"][jj], obj[f"{b}_psfFluxErr"][jj]
         with np.errstate(invalid="ignore", divide="ignore"):
             sel = matched & nonvar & inp.inner & (f / fe > 50) & (T[f"{b}_flux"] > 0)
-        ratios.append(f[sel] / T[f"{b}_flux"][sel])
+            rat, sig = f[sel] / T[f"{b}_flux"][sel], (fe / f)[sel]
+        ratios.append(rat)
+        if has_patch:
+            key = np.asarray(obj["tract"], np.int64)[jj][sel] * 100000 + np.asarray(obj["patch"], np.int64)[jj][sel]
+            for k in np.unique(key):
+                g = key == k
+                n = int(g.sum())
+                if n < PATCH_RATIO_MIN_STARS:
+                    continue
+                # the sample median's standard error from the REPORTED errors (a worse pipeline gets no
+                # looser bound): 1.2533 sigma / sqrt(n)
+                se = 1.2533 * float(np.sqrt(np.mean(sig[g] ** 2))) / math.sqrt(n)
+                per_patch.append((int(k // 100000), int(k % 100000), b, float(np.median(rat[g])), n,
+                                  COADD_RATIO_BOUNDS[1] - 1 + K_SIGMA * se))
     r = np.concatenate(ratios) if ratios else np.zeros(0)
     m["coadd_flux_ratio_stars"] = float(np.median(r)) if len(r) else float("nan")
     m["coadd_flux_ratio_n_stars"] = int(len(r))
     ck["coadd_flux_ratio_stars"] = C.check(m["coadd_flux_ratio_stars"], "in", COADD_RATIO_BOUNDS, note=f"n={len(r)}")
+    # the pooled median can hide opposite scale errors of different patches: each patch and band with
+    # enough stars must hold the same 0.5 %, plus 3 standard errors of its own median
+    m["coadd_flux_ratio_per_patch"] = [{"tract": t, "patch": p, "band": b, "median": v, "n": n, "allowed": a}
+                                       for t, p, b, v, n, a in per_patch]
+    if per_patch:
+        excess = [abs(v - 1) - a for _, _, _, v, _, a in per_patch]
+        w = int(np.argmax(excess))
+        t, p, b, v, n, a = per_patch[w]
+        m["coadd_flux_ratio_patch_worst_excess"] = float(excess[w])
+        ck["coadd_flux_ratio_patch_worst_excess"] = C.check(
+            excess[w], "<=", 0.0, note=f"{len(per_patch)} patch-bands with >= {PATCH_RATIO_MIN_STARS} stars; worst: "
+                                       f"tract {t} patch {p} {b}, median {v:.4f} (n={n}, allowed +-{a:.4f})")
+    else:
+        ck["coadd_flux_ratio_patch_worst_excess"] = C.check(
+            float("nan"), "<=", 0.0, insufficient=True,
+            note=f"no patch-band with >= {PATCH_RATIO_MIN_STARS} stars at S/N > 50")
 
     # 2. completeness at expected coadd S/N > 10 (any band), bound from the truth's close pairs
     snr_best = np.max(np.vstack([inp.snr[b] for b in bands]), axis=0)
