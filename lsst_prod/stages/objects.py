@@ -128,6 +128,10 @@ class ObjectsStage(Stage):
                                    diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
                                    usable=(e.mask & UNUSABLE) == 0 if cfg.apcorr_full_wing_background else None)
             ac = apc(mb["x"], mb["y"])
+            # in provenance: the per-patch flux scale hangs on these (docs/algorithms-coadd.md)
+            ctx.summary.update({f"{b}_apcorr": float(np.median(ac)), f"{b}_apcorr_n_stars": int(apc.n_used),
+                                f"{b}_apcorr_total_factor": float(apc.total_factor),
+                                f"{b}_apcorr_rms": float(apc.rms), f"{b}_psf_fwhm_pix": fwhm})
             mb["psfFlux"] = mb["psfFlux"] * ac
             mb["psfFluxErr"] = mb["psfFluxErr"] * ac
             kr, kf, kfe, kflags = kron_photometry(image, e.variance, e.mask, mb["x"], mb["y"], mb["ixx"], mb["iyy"],
