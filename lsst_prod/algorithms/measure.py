@@ -154,21 +154,41 @@ def _psf_centroid(psf, d, v, g, bw, x, y, n_iter: int = 8):
 def _fit_blend(image, var, good, bgvar, stamps, ixs, iys):
     """Simultaneous amplitudes of K PSF stamps centred on pixels (ixs, iys), weights 1/bgvar.
 
-    Returns amplitudes (K,), their covariance (from the full variance), the
-    origin (x0, y0) of the local window (union of the stamps) and the design (K, wy, wx).
+    Returns amplitudes (K,), their covariance (from the full variance), the origin (x0, y0) of the
+    local window (union of the stamps) and a function of the amplitudes giving the model over that
+    window.  The design is sparse (K stamps of S^2 pixels, not K x window): a skipped parent of a
+    crowded coadd holds ~1000 peaks over a whole patch, whose dense design was 32 GB; sparse, it is
+    K S^2 values and a K x K normal matrix.
     """
+    from scipy import sparse
+
     c = stamps.shape[1] // 2
     wy = slice(max(int(iys.min()) - c, 0), min(int(iys.max()) + c + 1, image.shape[0]))
     wx = slice(max(int(ixs.min()) - c, 0), min(int(ixs.max()) + c + 1, image.shape[1]))
     d, v, g = image[wy, wx], var[wy, wx], good[wy, wx]
-    design = np.zeros((len(ixs),) + d.shape)
+    h, w = d.shape
+    k_idx, p_idx, vals = [], [], []
+    off = np.arange(stamps.shape[1])
     for k in range(len(ixs)):
-        _add_stamp(design[k], stamps[k], int(ixs[k]) - c - wx.start, int(iys[k]) - c - wy.start, 1.0)
+        y0, x0 = int(iys[k]) - c - wy.start, int(ixs[k]) - c - wx.start
+        ys, xs = y0 + off, x0 + off
+        oky, okx = (ys >= 0) & (ys < h), (xs >= 0) & (xs < w)
+        st = stamps[k][np.ix_(oky, okx)]
+        pix = (ys[oky][:, None] * w + xs[okx][None, :]).ravel()
+        k_idx.append(np.full(pix.size, k))
+        p_idx.append(pix)
+        vals.append(st.ravel())
+    X = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(k_idx), np.concatenate(p_idx))),
+                          shape=(len(ixs), h * w))
     wts = np.where(g, 1.0 / (bgvar[wy, wx] if np.ndim(bgvar) == 2 else bgvar), 0.0).ravel()
-    X = design.reshape(len(ixs), -1)
-    ninv = np.linalg.pinv((X * wts) @ X.T)
+    ninv = np.linalg.pinv((X.multiply(wts[None, :]) @ X.T).toarray())
     amp = ninv @ (X @ (wts * d.ravel()))
-    return amp, ninv @ ((X * (wts * wts * v.ravel())) @ X.T) @ ninv, (wx.start, wy.start), design
+    cov = ninv @ (X.multiply((wts * wts * v.ravel())[None, :]) @ X.T).toarray() @ ninv
+
+    def model(a: np.ndarray) -> np.ndarray:
+        return np.asarray(X.T @ np.asarray(a, float)).reshape(h, w)
+
+    return amp, cov, (wx.start, wy.start), model
 
 
 def _hsm_moments(data, good, x0, y0, xc, yc, guess_sig):
@@ -410,7 +430,7 @@ def measure_sources(
             for k in kids if own else ():
                 add_own(src, int(k), 0, 0, -1.0, wing=False)
             psf_flux[kids], psf_err[kids], blend_cov[prow] = amp, np.sqrt(np.maximum(np.diag(cov), 0.0)), cov
-            local[prow] = (x0, y0, np.tensordot(np.maximum(amp, 0.0), design, axes=1))
+            local[prow] = (x0, y0, design(np.maximum(amp, 0.0)))
 
     def deblend(r: int, dst: np.ndarray, x0: int, y0: int) -> None:
         """In ``dst`` (origin x0, y0) replace the footprint's model by child ``r``'s own model."""

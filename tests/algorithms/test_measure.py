@@ -384,3 +384,49 @@ def test_psf_centroid_of_a_degenerate_stamp_is_no_centroid_not_an_exception():
         x, y, ex, ey, ok = _psf_centroid(psf, d, v, np.ones((size, size), bool), v, 10.2, 9.4)
         # the stamp is centred on pixel (rint(x), rint(y)) = (10, 9): the star is there
         assert ok and abs(x - 10.0) < 4 * ex and abs(y - 9.0) < 4 * ey and 0 < ex < 0.2
+
+
+def test_blend_fit_is_the_least_squares_solution_and_scales_to_a_patch_wide_blend():
+    """The simultaneous PSF fit of a blend equals the dense weighted least squares (amplitudes and
+    covariance), and a blend of 800 stars spread over 1600 x 1600 pixels (a crowded coadd's skipped
+    parent) is fitted without a K x window design (which would be 16 GB)."""
+    from lsst_prod.algorithms.measure import _add_stamp, _fit_blend
+
+    rng = np.random.default_rng(5)
+    size = 15
+    yy, xx = np.mgrid[-7:8, -7:8]
+    stamp = np.exp(-0.5 * (xx**2 + yy**2) / 2.0**2)
+    stamp /= stamp.sum()
+    img = rng.normal(0, 1.0, (80, 90))
+    ixs, iys = np.array([20, 26, 60, 3]), np.array([30, 33, 50, 75])
+    true_amp = np.array([500.0, 300.0, 800.0, 200.0])
+    for a, x, y in zip(true_amp, ixs, iys):
+        _add_stamp(img, a * stamp, x - 7, y - 7, 1.0)
+    var = np.full(img.shape, 1.0)
+    good = np.ones(img.shape, bool)
+    good[40:45, :] = False
+    stamps = np.repeat(stamp[None], 4, axis=0)
+    amp, cov, (x0, y0), model = _fit_blend(img, var, good, 1.0, stamps, ixs, iys)
+    # the dense solution, written out
+    wy = slice(max(iys.min() - 7, 0), min(iys.max() + 8, img.shape[0]))
+    wx = slice(max(ixs.min() - 7, 0), min(ixs.max() + 8, img.shape[1]))
+    assert (x0, y0) == (wx.start, wy.start)
+    design = np.zeros((4,) + img[wy, wx].shape)
+    for k in range(4):
+        _add_stamp(design[k], stamps[k], int(ixs[k]) - 7 - wx.start, int(iys[k]) - 7 - wy.start, 1.0)
+    X, wts = design.reshape(4, -1), good[wy, wx].ravel().astype(float)
+    ninv = np.linalg.pinv((X * wts) @ X.T)
+    np.testing.assert_allclose(amp, ninv @ (X @ (wts * img[wy, wx].ravel())), rtol=1e-10)
+    np.testing.assert_allclose(cov, ninv @ ((X * wts * wts) @ X.T) @ ninv, rtol=1e-10)
+    np.testing.assert_allclose(model(amp), np.tensordot(amp, design, axes=1), atol=1e-9)
+    assert np.all(np.abs(amp - true_amp) < 5 * np.sqrt(np.diag(cov)))
+    # a patch-wide blend
+    n = 800
+    big = rng.normal(0, 1.0, (1600, 1600))
+    bx, by = rng.integers(10, 1590, n), rng.integers(10, 1590, n)
+    for x, y in zip(bx, by):
+        _add_stamp(big, 1000.0 * stamp, int(x) - 7, int(y) - 7, 1.0)
+    amp, cov, _, model = _fit_blend(big, np.ones_like(big), np.ones(big.shape, bool), 1.0,
+                                    np.repeat(stamp[None], n, axis=0), bx, by)
+    assert amp.shape == (n,) and cov.shape == (n, n) and min(model(amp).shape) > 1500  # the stamps' union
+    assert np.median(np.abs(amp / 1000.0 - 1)) < 0.02
