@@ -20,14 +20,14 @@ band's peak test, so it is a distinct source, never dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .footprints import Footprints
+from .footprints import Footprints, split_footprints
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -150,3 +150,19 @@ def merge_detections(
         footprints=merged, bands=bands, peak_detected=np.isfinite(sig[o]), peak_band_significance=sig[o],
         footprint_bands=fp_bands, match_radius_pix=float(match_radius_pix),
     )
+
+
+def split_merged(merged: MergedDetections, psf_sigma_pix: float, max_peaks: int) -> MergedDetections:
+    """``merged`` with every footprint of more than ``max_peaks`` peaks split
+    (:func:`~lsst_prod.algorithms.footprints.split_footprints`): the union of a crowded coadd's bands
+    percolates into patch-wide footprints (1,042 peaks over 2054 x 2003 pixels at 600,000 stars/deg^2
+    and 2" seeing), which the deblender must skip and measurement fits as one blend.  Peaks keep their
+    order and per-band arrays; a new footprint inherits its parent's ``footprint_bands`` row."""
+    fp = split_footprints(merged.footprints, psf_sigma_pix, int(max_peaks))
+    if fp is merged.footprints:
+        return merged
+    n_old, n_new = merged.footprints.n_footprints, fp.n_footprints
+    origin = np.arange(n_new)
+    moved = fp.peak_footprint >= n_old
+    origin[fp.peak_footprint[moved]] = merged.footprints.peak_footprint[moved]
+    return replace(merged, footprints=fp, footprint_bands=np.asarray(merged.footprint_bands)[origin])

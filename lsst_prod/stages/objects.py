@@ -29,7 +29,7 @@ from ..algorithms.footprints import Footprints
 from ..algorithms.forced import forced_psf_photometry, match_objects_to_stars, propagate_object_positions
 from ..algorithms.kron import kron_photometry
 from ..algorithms.measure import measure_sources
-from ..algorithms.merge import merge_detections
+from ..algorithms.merge import merge_detections, split_merged
 from ..algorithms.apcorr import apcorr_measure_radius
 from ..algorithms.psf import PsfModel, apcorr_radius
 from ..config.stages import ForcedConfig, ObjectsConfig
@@ -39,6 +39,7 @@ from ..repo import DataId
 from ..repo.formats import read_columns, read_exposure, read_parquet, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
+from .single_frame import MAX_FOOTPRINT_PEAKS
 from .common import (calibrated_wcs, diffraction_pixels, fit_apcorr_clean, relcal_astrometric_corrections,
                      relcal_zero_point, relcal_zero_points, sky_annulus_for, wcs_from_header)
 
@@ -88,6 +89,11 @@ class ObjectsStage(Stage):
         merged = merge_detections(per_band, shape)
         if merged.footprints.n_peaks == 0:
             raise NoWorkFound(f"no detection on the coadds of {ctx.data_id}")
+        # a crowded coadd's footprints percolate (one covered a whole patch with 1,042 peaks): split them
+        # as single_frame does, so the deblender and the simultaneous fits see groups of <= 25 peaks
+        n_before = merged.n_footprints
+        merged = split_merged(merged, max(float(psfs[b].sigma_at(cx, cy)) for b in bands), MAX_FOOTPRINT_PEAKS)
+        ctx.summary["n_footprints_split"] = int(merged.n_footprints - n_before)
         deb = deblend_footprints({b: coadds[b].image for b in bands}, {b: coadds[b].variance for b in bands},
                                  {b: coadds[b].mask for b in bands}, psfs, merged)
         merged = deb.merged  # peaks the deblender found in its residuals are appended: measure every child

@@ -137,3 +137,32 @@ def test_two_peaks_of_one_band_on_one_merged_peak_are_both_kept():
     assert fp.n_peaks == 2
     assert sorted(zip(fp.peak_x.tolist(), fp.peak_y.tolist())) == [(13.0, 15.0), (17.5, 15.0)]
     assert m.peak_detected.tolist() == [[True, True], [False, True]]
+
+
+def test_split_merged_breaks_a_percolated_footprint_into_groups_of_at_most_max_peaks():
+    """One merged footprint over 120 x 120 pixels with 64 peaks (8 x 8, 15 px apart; PSF sigma 2 px)
+    becomes footprints of <= 25 peaks; every pixel stays in some footprint, peaks keep their order and
+    positions, and each new footprint inherits the parent's bands."""
+    from lsst_prod.algorithms.footprints import Footprints
+    from lsst_prod.algorithms.merge import MergedDetections, split_merged
+
+    labels = np.zeros((130, 130), np.int32)
+    labels[5:125, 5:125] = 1
+    g = np.arange(8) * 15 + 10.0
+    px, py = (a.ravel() for a in np.meshgrid(g, g))
+    sig = np.linspace(100, 20, 64)
+    fp = Footprints(labels=labels, bbox=np.array([[5, 5, 125, 125]]), area=np.array([120 * 120]),
+                    peak_footprint=np.zeros(64, np.int64), peak_x=px, peak_y=py, peak_significance=sig)
+    merged = MergedDetections(fp, ("g", "r"), np.ones((64, 2), bool), np.column_stack([sig, sig]),
+                              np.array([[True, False]]), 1.5)
+    out = split_merged(merged, 2.0, 25)
+    counts = np.bincount(out.footprints.peak_footprint)
+    assert out.n_footprints > 1 and counts.max() <= 25 and counts.sum() == 64
+    assert np.array_equal(out.footprints.labels > 0, labels > 0)
+    assert np.array_equal(out.footprints.peak_x, px) and np.array_equal(out.peak_detected, merged.peak_detected)
+    assert out.footprint_bands.shape == (out.n_footprints, 2) and out.footprint_bands[:, 0].all()
+    assert not out.footprint_bands[:, 1].any()
+    # each peak lies in its own footprint's pixels
+    lab = out.footprints.labels[np.rint(py).astype(int), np.rint(px).astype(int)]
+    assert np.array_equal(lab, out.footprints.peak_footprint + 1)
+    assert split_merged(merged, 2.0, 64) is merged
