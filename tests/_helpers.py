@@ -84,3 +84,25 @@ def count_status(repo_path: Path, run: str, status: str) -> int:
         return 0
     finally:
         engine.dispose()
+
+
+def processed_ccd(config):
+    """Detector 0 of the first visit of a simulated survey, rendered, through ISR and a first background
+    subtraction (mesh 128): (survey, rendering, image, variance, mask, background), as single_frame
+    starts from.  Imports inside: most tests never simulate pixels."""
+    import numpy as np
+
+    from lsst_prod.algorithms.background import estimate_background
+    from lsst_prod.algorithms.isr import run_isr
+    from lsst_prod.sim import build_survey, render_ccd
+    from lsst_prod.sim.render import _calibs
+
+    survey = build_survey(config)
+    vt = survey.visits[0]
+    det = survey.camera.detector(0)
+    r = render_ccd(config, vt.visit, 0)
+    flat, bias, _ = _calibs(config.model_dump_json(), 0, vt.physical_filter)
+    isr = run_isr(r.raw, det, bias, flat, np.zeros((det.ny, det.nx), bool), edge_pixels=4)
+    image, variance, mask = isr.image.astype(np.float32), isr.variance, isr.mask.copy()
+    bg = estimate_background(image, mask, mesh_size=128, filter_size=3)
+    return survey, r, image - bg.image, variance, mask, bg

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import processed_ccd
 
-from lsst_prod.algorithms.background import estimate_background
 from lsst_prod.algorithms.detect import detect_sources
-from lsst_prod.algorithms.isr import run_isr
 from lsst_prod.algorithms.measure import measure_sources
 from lsst_prod.algorithms.apcorr import apcorr_measure_radius
 from lsst_prod.algorithms.photocal import fit_zero_point
 from lsst_prod.algorithms.psf import apcorr_radius, fit_psf
 from lsst_prod.config.simulation import SimulationConfig
 from lsst_prod.config.stages import SingleFrameConfig
-from lsst_prod.sim import build_survey, render_ccd
 from lsst_prod.sim.refcat import make_refcat
-from lsst_prod.sim.render import _calibs
 from lsst_prod.stages.common import fit_apcorr_clean, sky_annulus_for
 from lsst_prod.stages.single_frame import (_diffraction, _nearest_flags, _psf_candidates, _stamp_pixels,
                                          apcorr_stars)
@@ -43,15 +40,7 @@ def _config(seeing: float, **kw) -> SimulationConfig:
 
 
 def _single_frame(config: SimulationConfig):
-    survey = build_survey(config)
-    vt = survey.visits[0]
-    det = survey.camera.detector(0)
-    r = render_ccd(config, vt.visit, 0)
-    flat, bias, _ = _calibs(config.model_dump_json(), 0, vt.physical_filter)
-    isr = run_isr(r.raw, det, bias, flat, np.zeros((det.ny, det.nx), bool), edge_pixels=4)
-    image, variance, mask = isr.image.astype(np.float32), isr.variance, isr.mask.copy()
-    bg = estimate_background(image, mask, mesh_size=128, filter_size=3)
-    image = image - bg.image
+    survey, r, image, variance, mask, bg = processed_ccd(config)
     fp = detect_sources(image, variance, mask, 1.0 / 0.2 / 2.3548, threshold=10.0)
     cand, fwhm_cand = _psf_candidates(image, variance, mask, fp)
     psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, stamp_size=_stamp_pixels("auto", fwhm_cand),

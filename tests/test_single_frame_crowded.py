@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import processed_ccd
 
-from lsst_prod.algorithms.background import estimate_background
 from lsst_prod.algorithms.detect import detect_sources
-from lsst_prod.algorithms.isr import run_isr
 from lsst_prod.algorithms.measure import measure_sources
 from lsst_prod.algorithms.psf import fit_psf
 from lsst_prod.config.simulation import SimulationConfig
 from lsst_prod.config.stages import SingleFrameConfig
-from lsst_prod.sim import build_survey, render_ccd
-from lsst_prod.sim.render import _calibs
 from lsst_prod.stages.single_frame import (MAX_FOOTPRINT_PEAKS, PSF_MAX_NEIGHBOUR_FRACTION, _psf_candidates,
                                          _psf_stamp_crowding, _stamp_pixels, crowded_psf)
 
@@ -32,15 +29,7 @@ def crowded():
                               visits_per_night_per_band=1, bands=("r",), seeing_min_arcsec=2.0, seeing_max_arcsec=2.0,
                               psf_fwhm_growth_frac=0.0, n_bad_columns=0, cosmic_ray_rate_per_mpix_per_s=0.0,
                               n_transients=0, n_asteroids=0, star_density_per_deg2=600000)
-    survey = build_survey(config)
-    vt = survey.visits[0]
-    det = survey.camera.detector(0)
-    r = render_ccd(config, vt.visit, 0)
-    flat, bias, _ = _calibs(config.model_dump_json(), 0, vt.physical_filter)
-    isr = run_isr(r.raw, det, bias, flat, np.zeros((det.ny, det.nx), bool), edge_pixels=4)
-    image, variance, mask = isr.image.astype(np.float32), isr.variance, isr.mask.copy()
-    bg = estimate_background(image, mask, mesh_size=128, filter_size=3)
-    image = image - bg.image
+    _, r, image, variance, mask, bg = processed_ccd(config)
     cfg = SingleFrameConfig()
     fp = detect_sources(image, variance, mask, 1.0 / 0.2 / 2.3548, threshold=10.0)
     cand, fwhm_cand = _psf_candidates(image, variance, mask, fp)
