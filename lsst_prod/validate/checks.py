@@ -41,8 +41,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         *(f"{pull_prefix(lo, hi)}_{q}" for lo, hi in PULL_BINS for q in ("mean", "std", "clipped_fraction")),
     ),
     "relcal": ("relcal_zp_rms_mmag", "relcal_astrometry_rms_mas"),
-    "objects": ("coadd_flux_ratio_stars", "coadd_flux_ratio_patch_worst_excess", "object_completeness_snr10", "deblend_flux_error_median",
-                "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"),
+    "objects": ("coadd_flux_ratio_stars", "coadd_flux_ratio_patch_worst_excess", "object_completeness_snr10",
+                "deblend_flux_error_median", "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"),
     "forced": ("forced_variable_recovered_fraction", *(var_name(lo, hi) for lo, hi in VAR_BINS),
                "forced_constant_chi2_dof_median"),
 }

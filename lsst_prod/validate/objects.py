@@ -375,10 +375,11 @@ def score_objects(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str
         # (the pairs come from the truth alone, so an output cannot empty this set)
         note = (f"no pair of truth stars closer than {DEBLEND_PAIR_FWHM:g} FWHM with both inner and at "
                 f"expected S/N > 10: the sky offers nothing to score")
-        for name in ("deblend_flux_error_median", "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"):
+        for name, op, bound in (("deblend_flux_error_median", "<=", 1.0),
+                                ("deblend_flux_error_median_resolvable", "<=", 1.0),
+                                ("deblend_resolved_fraction", ">=", 0.0)):
             m[name] = float("nan")
-            ck[name] = C.check(float("nan"), ">=" if name == "deblend_resolved_fraction" else "<=", 1.0 if
-                               name != "deblend_resolved_fraction" else 0.0, insufficient=True, note=note)
+            ck[name] = C.check(float("nan"), op, bound, insufficient=True, note=note)
     return m, ck
 
 

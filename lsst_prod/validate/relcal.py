@@ -22,34 +22,16 @@ from typing import Any
 import numpy as np
 
 from ..repo import Repository
-from ..repo.formats import read_columns, read_image
+from ..repo.formats import read_columns
 from . import checks as C
 from .matching import separation_mas, unique_match
-from .single_frame import BAD_COLUMN_MARGIN_PIX, EDGE_PIX
+from .single_frame import clean_pixels, detector_defects
 
 BRIGHT_SNR = 300.0
 PHOT_SNR = 100.0
 ZP_RMS_MAX_MMAG = 5.0
 ASTROMETRY_RMS_MAX_MAS = 10.0
 
-
-
-def _clean_pixels(repo: Repository, did, t: dict[str, np.ndarray]) -> np.ndarray:
-    """Truth rows away from the detector's edges and bad columns, as the single-frame metrics require
-    (the calibration's defects, known before any processing: a star on an interpolated bad column has
-    a centroid off by ~0.5 px, which the pipeline flags and no WCS can fix)."""
-    dref = repo.find("defects", {"instrument": did["instrument"], "detector": did["detector"]},
-                     [f"{did['instrument']}/calib"])
-    if dref is None:
-        return np.ones(len(t["x"]), bool)
-    defects = read_image(repo.path_of(dref))[0].astype(bool)
-    ny, nx = defects.shape
-    x, y = np.asarray(t["x"], float), np.asarray(t["y"], float)
-    ok = (x > EDGE_PIX) & (x < nx - 1 - EDGE_PIX) & (y > EDGE_PIX) & (y < ny - 1 - EDGE_PIX)
-    bad = np.flatnonzero(defects.any(axis=0))
-    if len(bad):
-        ok &= np.min(np.abs(x[:, None] - bad[None, :]), axis=1) >= BAD_COLUMN_MARGIN_PIX
-    return ok
 
 
 def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
@@ -75,6 +57,7 @@ def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str
         return float(1000 * np.std(d - np.mean(d)))
 
     sep_rel, sep_sf = [], []
+    defects: dict[tuple[str, int], tuple | None] = {}  # per detector, read once
     for cref in repo.query("source_calibrated", [run]):
         did = cref.data_id
         cal = read_columns(repo.path_of(cref))
@@ -83,7 +66,12 @@ def relcal_metrics(repo: Repository, run: str) -> tuple[dict[str, Any], dict[str
         leaf = cal["deblend_nChild"] == 0
         j = unique_match(np.column_stack([t["x"], t["y"]]), np.column_stack([cal["x"][leaf], cal["y"][leaf]]), 2.0)
         ok = (j >= 0) & (t["kind"] == "star") & ~t["is_saturated"].astype(bool) & (
-            (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01)) & _clean_pixels(repo, did, t)
+            (t["nn_dist_pix"] > 3 * t["psf_fwhm_pix"]) | (t["nn_flux_ratio"] < 0.01))
+        key = (did["instrument"], int(did["detector"]))
+        if key not in defects:
+            defects[key] = detector_defects(repo, *key)
+        if defects[key] is not None:  # the single-frame metrics' "clean" rule: edges and bad columns out
+            ok &= clean_pixels(t["x"], t["y"], *defects[key])
         jj = np.flatnonzero(leaf)[j[ok]]
         snr = cal["psfFlux"][jj] / cal["psfFluxErr"][jj]
         phot = snr > PHOT_SNR

@@ -150,6 +150,7 @@ def load_single_frame(repo: Repository, run: str) -> list[CcdInputs]:
     ref_of = dict(zip(tobj["truth_id"].tolist(), (tobj["ref_id"] >= 0).tolist()))
     row_of = {int(t): i for i, t in enumerate(tobj["truth_id"])}
     refcat = _load_refcat(repo)
+    dmag_by_band: dict[str | None, np.ndarray | None] = {}
     out = []
     for sref in repo.query("source", [run]):
         visit, det = int(sref.data_id["visit"]), int(sref.data_id["detector"])
@@ -161,19 +162,44 @@ def load_single_frame(repo: Repository, run: str) -> list[CcdInputs]:
         truth = read_columns(repo.get_path("truth_sources", {"instrument": instrument, "visit": visit,
                                                              "detector": det}, truth_runs))
         truth["is_ref"] = np.array([ref_of.get(int(t), False) for t in truth["truth_id"]], bool)
-        dref = repo.find("defects", {"instrument": instrument, "detector": det}, [f"{instrument}/calib"])
-        if dref is not None:
-            defects = read_image(repo.path_of(dref))[0].astype(bool)
-            shape, bad = defects.shape, np.flatnonzero(defects.any(axis=0))
+        defects = detector_defects(repo, instrument, det)
+        if defects is not None:
+            shape, bad = defects
         else:
             shape, bad = (int(ccd["ySize"][0]), int(ccd["xSize"][0])), np.zeros(0, int)
         band = str(ccd["band"][0]) if "band" in ccd else None
+        if band not in dmag_by_band:
+            dmag_by_band[band] = _ref_dmag(band, tobj, refcat)
+        dmag = dmag_by_band[band]
+        rows = np.array([row_of.get(int(t), -1) for t in truth["truth_id"]], np.int64)
         out.append(CcdInputs(visit, det, truth, src, float(ccd["zeroPoint"][0]), float(ct["zero_point"][i]),
                              float(ct["sky_e_per_pix"][i]),
                              float(ct["read_noise"][i]) if "read_noise" in ct else 5.0,
                              float(ct["psf_fwhm_pix"][i]), (int(shape[0]), int(shape[1])), bad,
-                             ref_dmag=_ref_dmag(truth["truth_id"], band, tobj, row_of, refcat)))
+                             ref_dmag=None if dmag is None else np.where(rows >= 0, dmag[rows], np.nan)))
     return out
+
+
+def detector_defects(repo: Repository, instrument: str, detector: int
+                     ) -> tuple[tuple[int, int], np.ndarray] | None:
+    """((ny, nx), bad column indices) of a detector's defects calibration, or None without one."""
+    dref = repo.find("defects", {"instrument": instrument, "detector": int(detector)}, [f"{instrument}/calib"])
+    if dref is None:
+        return None
+    defects = read_image(repo.path_of(dref))[0].astype(bool)
+    return (int(defects.shape[0]), int(defects.shape[1])), np.flatnonzero(defects.any(axis=0))
+
+
+def clean_pixels(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], bad_columns: np.ndarray) -> np.ndarray:
+    """Positions more than EDGE_PIX from the detector's edges and BAD_COLUMN_MARGIN_PIX from its bad
+    columns (the calibration's defects, known before any processing): where a centroid or flux is not
+    the WCS's or the calibration's to answer for."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ny, nx = shape
+    ok = (x > EDGE_PIX) & (x < nx - 1 - EDGE_PIX) & (y > EDGE_PIX) & (y < ny - 1 - EDGE_PIX)
+    if len(bad_columns):
+        ok &= np.min(np.abs(x[:, None] - np.asarray(bad_columns)[None, :]), axis=1) >= BAD_COLUMN_MARGIN_PIX
+    return ok
 
 
 def _load_refcat(repo: Repository) -> dict[str, np.ndarray] | None:
@@ -181,22 +207,18 @@ def _load_refcat(repo: Repository) -> dict[str, np.ndarray] | None:
     return read_columns(repo.path_of(refs[0])) if refs else None
 
 
-def _ref_dmag(truth_id: np.ndarray, band: str | None, tobj: dict[str, np.ndarray], row_of: dict[int, int],
-              refcat: dict[str, np.ndarray] | None) -> np.ndarray | None:
-    """Refcat magnitude minus true mean magnitude in ``band`` per truth row (NaN: not in the refcat)."""
+def _ref_dmag(band: str | None, tobj: dict[str, np.ndarray], refcat: dict[str, np.ndarray] | None
+              ) -> np.ndarray | None:
+    """Refcat magnitude minus true mean magnitude in ``band`` per truth object (row of ``tobj``; NaN:
+    not in the refcat), or None when the refcat or the truth lacks the band."""
     if refcat is None or band is None or f"{band}_flux" not in refcat or f"{band}_flux" not in tobj:
         return None
     ref_row = {int(r): k for k, r in enumerate(refcat["ref_id"])}
-    out = np.full(len(truth_id), np.nan)
-    for n, t in enumerate(np.asarray(truth_id).tolist()):
-        i = row_of.get(int(t))
-        if i is None or tobj["ref_id"][i] < 0:
-            continue
-        k = ref_row.get(int(tobj["ref_id"][i]))
-        f_true = float(tobj[f"{band}_flux"][i])
-        if k is not None and f_true > 0 and refcat[f"{band}_flux"][k] > 0:
-            out[n] = -2.5 * math.log10(float(refcat[f"{band}_flux"][k]) / f_true)
-    return out
+    k = np.array([ref_row.get(int(r), -1) for r in tobj["ref_id"]], np.int64)
+    f_ref = np.where(k >= 0, np.asarray(refcat[f"{band}_flux"], float)[np.clip(k, 0, None)], np.nan)
+    f_true = np.asarray(tobj[f"{band}_flux"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((f_ref > 0) & (f_true > 0), -2.5 * np.log10(f_ref / f_true), np.nan)
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -209,14 +231,10 @@ def _match_ccd(c: CcdInputs) -> dict[str, np.ndarray]:
     j = np.where(m >= 0, leaf[np.clip(m, 0, None)], -1)
     fwhm = t["psf_fwhm_pix"] if "psf_fwhm_pix" in t else c.fwhm_pix
     snr = expected_snr(t["flux_e"], fwhm, c.sky_e, c.read_noise)
-    ny, nx = c.shape
-    inside = (t["x"] > EDGE_PIX) & (t["x"] < nx - 1 - EDGE_PIX) & (t["y"] > EDGE_PIX) & (t["y"] < ny - 1 - EDGE_PIX)
-    near_bad = np.zeros(len(snr), bool)
-    if len(c.bad_columns):
-        near_bad = np.min(np.abs(t["x"][:, None] - c.bad_columns[None, :]), axis=1) < BAD_COLUMN_MARGIN_PIX
     isolated = (t["nn_dist_pix"] > ISOLATION_FWHM * c.fwhm_pix) | (t["nn_flux_ratio"] < 0.01)
     star = t["kind"] == "star"
-    clean = star & isolated & inside & ~near_bad & ~np.asarray(t["is_saturated"], bool)
+    clean = star & isolated & clean_pixels(t["x"], t["y"], c.shape, c.bad_columns) \
+        & ~np.asarray(t["is_saturated"], bool)
     return {"j": j, "snr": snr, "clean": clean}
 
 
@@ -227,9 +245,8 @@ def _reference_floor(c: CcdInputs, mt: dict[str, np.ndarray]) -> float:
     if c.ref_dmag is None:
         return float("nan")
     t = c.truth
-    ny, nx = c.shape
     usable = (np.isfinite(c.ref_dmag) & ~np.asarray(t["is_saturated"], bool) & (mt["snr"] > 10)
-              & (t["x"] > EDGE_PIX) & (t["x"] < nx - 1 - EDGE_PIX) & (t["y"] > EDGE_PIX) & (t["y"] < ny - 1 - EDGE_PIX))
+              & clean_pixels(t["x"], t["y"], c.shape, np.zeros(0, int)))
     return float(np.mean(c.ref_dmag[usable])) if usable.any() else float("nan")
 
 
