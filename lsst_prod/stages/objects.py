@@ -259,7 +259,7 @@ class ForcedStage(Stage):
             else float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
         ids, ras, decs, star_of, epochs = [], [], [], [], {}
         for ref in ctx.inputs_of("object"):
-            t = read_columns(ctx.repo.path_of(ref))
+            t = read_columns(ctx.repo.path_of(ref), _forced_object_columns(ctx.repo.path_of(ref)))
             prim = np.asarray(t["detect_isPrimary"], bool)
             ids.append(t["objectId"][prim])
             ras.append(t["coord_ra"][prim])
@@ -324,6 +324,17 @@ class ForcedStage(Stage):
                            relcal_correction_applied=corr is not None)
         if epochs:
             ctx.summary["object_epochs"] = epochs
+
+
+def _forced_object_columns(path) -> list[str]:
+    """The Object columns forced photometry reads (position, primary flag, and what matching to relcal's
+    stars needs: point-likeness and the reference band's flux and size), not the whole table."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    wanted = {"objectId", "coord_ra", "coord_dec", "detect_isPrimary", "refExtendedness", "refBand"}
+    suffixes = ("_psfFlux", "_psfFluxErr", "_ixx", "_iyy")
+    return [n for n in names if n in wanted or n.endswith(suffixes)]
 
 
 def _relcal_stars(ctx: QuantumContext) -> dict[str, np.ndarray] | None:
