@@ -136,6 +136,9 @@ class CoaddConfig(StageConfig):
                                                         description="coadd kinds to build (LSE-163 5.4.3)")
     best_seeing_quantile: float = Field(0.25, gt=0, le=1, description="fraction of best-seeing visits kept")
     clip_nsigma: float = Field(5.0, gt=0, description="PSF-matched outlier rejection threshold")
+    clip_scale_tolerance: float = Field(
+        0.03, ge=0, lt=1, description="an outlier region whose net flux is within this fraction of the reference's "
+                                      "flux there differs by a photometric scale, not an artefact: not clipped")
     min_coverage: float = Field(0.05, ge=0, le=1, description="a patch less covered than this by every visit "
                                                                "is NoWorkFound")
     psf_stamp_pixels: int | Literal["auto"] = Field(
@@ -160,6 +163,10 @@ class ObjectsConfig(StageConfig):
                             "a number: that aperture is the total")
     telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m (Airy wings); 0: left out")
     telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
+    apcorr_from_inputs: bool = Field(
+        True, description="the coadd aperture correction from the inputs' calibration: their bright stars' weighted "
+                          "mean calibrated PSF flux / the coadd PSF flux (falls back to the coadd's own apertures "
+                          "when fewer than 5 stars match; with apcorr_reference_radius_pixels 'auto' only)")
     apcorr_full_wing_background: bool = Field(
         True, description="aperture-correction stars measured with every source subtracted with its full-wing "
                           "(12 FWHM) model and the local background the clipped mean of all usable annulus pixels "

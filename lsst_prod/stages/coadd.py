@@ -22,6 +22,7 @@ from astropy.wcs import WCS
 
 from ..algorithms import masks
 from ..algorithms.detect import detect_sources
+from ..algorithms.apcorr import CALSTARS_COLUMNS
 from ..algorithms.psf import PsfModel, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
 from ..algorithms.resample import warp_exposure, warp_psf
 from ..algorithms.stack import WarpInput, coadd_psf, select_best_seeing, stack_warps
@@ -29,7 +30,7 @@ from ..camera import Camera, nominal_wcs_header
 from ..config.stages import CoaddConfig, WarpConfig
 from ..errors import AlgorithmError, NoWorkFound
 from ..repo import DataId
-from ..repo.formats import Exposure, read_exposure, write_exposure
+from ..repo.formats import Exposure, read_columns, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .common import (box_wcs_header, calibrated_wcs, relcal_astrometric_corrections, relcal_zero_point,
                      relcal_zero_points, wcs_from_header)
@@ -52,12 +53,44 @@ def detector_patches(ctx, visit: dict, detector_id: int) -> list[tuple[int, int]
     return [p for p in pairs if tracts == "auto" or p[0] in tracts]
 
 
+#: Source columns a warp reads to carry its visit's calibration stars to the coadd
+CALSTAR_SOURCE_COLUMNS = ("x", "y", "psfFlux_instFlux", "psfFlux_instFluxErr", "psfFlux_apCorr", "extendedness",
+                          "deblend_nChild", "parentSourceId", "blendedness_abs", "psfFlux_flag", "pixelFlags_saturated",
+                          "pixelFlags_edge", "pixelFlags_crCenter", "pixelFlags_interpolatedCenter")
+
+
+def _calibration_stars(src: dict[str, np.ndarray], njy_per_e: float, src_wcs, dst_wcs,
+                       outer: tuple[int, int, int, int], footprint: np.ndarray, min_snr: float = 5.0) -> np.ndarray:
+    """(n, 4) x, y (the patch's outer-box pixels), calibrated PSF flux and its error (nJy: the
+    single-frame aperture correction and this warp's zero point, as forced photometry has them) of the
+    calexp's isolated, unsaturated point sources that land on the warp (as single_frame's apcorr_stars
+    selects them, down to S/N ``min_snr``: the objects stage picks its stars by their COADD S/N, > 50, so a
+    star's epochs are not selected on their own, upward-scattered fluxes)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = src["psfFlux_instFlux"] / src["psfFlux_instFluxErr"]
+    sel = ((snr >= min_snr) & (src["extendedness"] == 0) & (src["deblend_nChild"] == 0)
+           & ((src["parentSourceId"] == 0) | (src["blendedness_abs"] < 0.05)) & ~src["psfFlux_flag"]
+           & ~src["pixelFlags_saturated"] & ~src["pixelFlags_edge"] & ~src["pixelFlags_crCenter"]
+           & ~src["pixelFlags_interpolatedCenter"] & np.isfinite(src["psfFlux_apCorr"]))
+    if not sel.any():
+        return np.zeros((0, 4))
+    ra, dec = src_wcs.all_pix2world(src["x"][sel], src["y"][sel], 0)
+    tx, ty = dst_wcs.all_world2pix(ra, dec, 0)
+    x, y = tx - outer[0], ty - outer[1]
+    ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    ny, nx = footprint.shape
+    inside = (ix >= 0) & (iy >= 0) & (ix < nx) & (iy < ny)
+    inside[inside] = footprint[iy[inside], ix[inside]]
+    scale = src["psfFlux_apCorr"][sel] * njy_per_e
+    return np.column_stack([x, y, src["psfFlux_instFlux"][sel] * scale, src["psfFlux_instFluxErr"][sel] * scale])[inside]
+
+
 class WarpStage(Stage):
     name = "warp"
     dimensions = ("instrument", "visit", "skymap", "tract", "patch")
-    input_types = ("calexp", "relcal_solution")
+    input_types = ("calexp", "source", "relcal_solution")
     output_types = ("warp",)
-    gather = {"calexp": 1}  # the visit's detectors over the patch that succeeded
+    gather = {"calexp": 1, "source": 0}  # the visit's detectors over the patch that succeeded
     resources = Resources(cores=1, memory_gib=2.0)
     description = "resample the calexps of a visit onto a patch (nJy)"
 
@@ -76,7 +109,9 @@ class WarpStage(Stage):
                     by_patch[tp].append(det)
             for (tract, patch), dets in sorted(by_patch.items()):
                 did = DataId(instrument=instrument, visit=v["visit"], skymap=skymap, tract=tract, patch=patch)
-                inputs = [("calexp", DataId(instrument=instrument, visit=v["visit"], detector=d)) for d in dets]
+                inputs = [(t, DataId(instrument=instrument, visit=v["visit"], detector=d)) for d in dets
+                          for t in ("calexp", "source") if (t, DataId(instrument=instrument, visit=v["visit"], detector=d))
+                          in ctx.produced]
                 if use_relcal:
                     inputs.append(relcal)
                 specs.append(QuantumSpec(self.name, did, tuple(inputs), (("warp", did),)))
@@ -103,6 +138,8 @@ class WarpStage(Stage):
         meta: dict = {}
         fwhms, n_used, n_corrected = [], 0, 0
         psf_stamp, best_valid = None, -1
+        sources = {int(r.data_id["detector"]): r for r in ctx.inputs_of("source")}
+        calstars = []
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
             det = int(ref.data_id["detector"])
@@ -119,6 +156,9 @@ class WarpStage(Stage):
                                   p.outer, kernel=cfg.kernel, grid_step=cfg.grid_step, flux_scale=njy_per_e)
             except NoWorkFound:
                 continue
+            if det in sources:
+                calstars.append(_calibration_stars(read_columns(ctx.repo.path_of(sources[det]), list(CALSTAR_SOURCE_COLUMNS)),
+                                                   njy_per_e, src_wcs, dst_wcs, p.outer, w.footprint))
             take = w.footprint & ((mask & masks.NO_DATA) != 0)
             image[take] = w.image[take]
             variance[take] = w.variance[take]
@@ -138,9 +178,12 @@ class WarpStage(Stage):
                      "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(zps),
                      "RELCALWC": int(n_corrected)})
         extra = {"PSFSTAMP": (psf_stamp.astype(np.float64), {})} if psf_stamp is not None else {}
+        cs = np.concatenate(calstars) if calstars else np.zeros((0, 4))
+        if len(cs):  # the visit's calibrated bright stars on the patch grid: the coadd's flux scale
+            extra["CALSTARS"] = (cs.astype(np.float64), {"COLUMNS": "x,y,flux,flux_err"})
         out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))
-        ctx.summary.update(n_detectors=n_used, n_relcal_wcs=int(n_corrected),
+        ctx.summary.update(n_detectors=n_used, n_relcal_wcs=int(n_corrected), n_calibration_stars=int(len(cs)),
                            valid_fraction=float(((mask & masks.NO_DATA) == 0).mean()))
 
 
@@ -183,7 +226,8 @@ class CoaddStage(Stage):
             if len(chosen) == 0:
                 continue
             inputs = [WarpInput(w.image, w.variance, w.mask, float(w.metadata["PSFFWHMP"])) for w in chosen]
-            co = stack_warps(inputs, clip_nsigma=cfg.clip_nsigma if len(inputs) >= 3 else None)
+            co = stack_warps(inputs, clip_nsigma=cfg.clip_nsigma if len(inputs) >= 3 else None,
+                             clip_scale_tolerance=cfg.clip_scale_tolerance)
             image = np.nan_to_num(co.image.astype(np.float32))
             variance = np.where(np.isfinite(co.variance), co.variance, 0).astype(np.float32)
             cmask = co.mask.astype(np.uint32)
@@ -198,11 +242,26 @@ class CoaddStage(Stage):
                     "MJDMAX": max(float(w.metadata.get("MJD-MID", 0)) for w in chosen),
                     "PSFFWHMP": float(psf.fwhm_at(*(np.array(image.shape[::-1]) / 2))),
                     "CLIPFRAC": float(np.mean(co.clipped_fraction)) if np.size(co.clipped_fraction) else 0.0}
-            exp = Exposure(image, cmask, variance, meta, wcs_header, psf.to_fits())
+            calstars = _coadd_calstars(chosen, co.weights)
+            extra = {"CALSTARS": (calstars, {"COLUMNS": ",".join(CALSTARS_COLUMNS)})} if len(calstars) else {}
+            meta["NCALSTAR"] = int(len(calstars))
+            exp = Exposure(image, cmask, variance, meta, wcs_header, psf.to_fits(), extra)
             ctx.put(COADD_TYPES[kind], lambda path, exp=exp: write_exposure(path, exp))
             if kind == "deep":
                 ctx.summary.update(n_inputs=len(chosen), psf_fwhm_pix=meta["PSFFWHMP"],
                                    clipped_fraction=meta["CLIPFRAC"], n_psf_stars=int(psf.n_stars))
+
+
+def _coadd_calstars(warps, weights: np.ndarray) -> np.ndarray:
+    """The inputs' calibration stars (each warp's CALSTARS) with the input's coadd weight and index:
+    rows ``CALSTARS_COLUMNS``, for the objects stage's aperture correction
+    (:func:`~lsst_prod.algorithms.apcorr.input_reference_fluxes`)."""
+    rows = []
+    for i, (w, wt) in enumerate(zip(warps, weights)):
+        if "CALSTARS" in w.extra and wt > 0:
+            cs = np.asarray(w.extra["CALSTARS"][0], np.float64).reshape(-1, 4)
+            rows.append(np.column_stack([cs, np.full(len(cs), float(wt)), np.full(len(cs), float(i))]))
+    return np.concatenate(rows) if rows else np.zeros((0, len(CALSTARS_COLUMNS)))
 
 
 def _coadd_psf(image, variance, mask, cfg: CoaddConfig, fallback: np.ndarray | None = None) -> PsfModel:

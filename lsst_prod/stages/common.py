@@ -14,6 +14,30 @@ from ..algorithms.neighbours import aperture_flux_without_neighbours
 SKY_ANNULUS_PIX = (50.0, 70.0)  # measure_sources' default local-background annulus
 
 
+def fit_apcorr_from_inputs(cols: dict[str, np.ndarray], stars: np.ndarray, calstars: np.ndarray,
+                           shape: tuple[int, int], min_stars: int = 5) -> ApertureCorrection | None:
+    """A coadd's aperture correction from its inputs' calibration: the ML-weighted, clipped mean
+    (:func:`~lsst_prod.algorithms.apcorr.weighted_ratio`) over the rows ``stars`` of
+    (inputs' weighted mean calibrated flux / coadd PSF flux)
+    (:func:`~lsst_prod.algorithms.apcorr.input_reference_fluxes`); None with fewer than ``min_stars``
+    stars measured in the inputs (the caller falls back to the coadd's own apertures)."""
+    from ..algorithms.apcorr import input_reference_fluxes
+
+    leaf = cols["deblend_nChild"] == 0
+    idx = np.flatnonzero(stars & leaf & np.isfinite(cols["psfFlux"]) & (cols["psfFlux"] > 0)
+                         & np.isfinite(cols["psfFluxErr"]) & (cols["psfFluxErr"] > 0))
+    ref, ref_err, _ = input_reference_fluxes(cols["x"][idx], cols["y"][idx], calstars)
+    ok = np.isfinite(ref) & (ref > 0)
+    if ok.sum() < min_stars:
+        return None
+    psf_flux, psf_err = cols["psfFlux"][idx][ok], cols["psfFluxErr"][idx][ok]
+    ratio = ref[ok] / psf_flux
+    sig = ratio * np.hypot(ref_err[ok] / ref[ok], psf_err / psf_flux)
+    val, err, rms, n_used = weighted_ratio(ratio, sig, psf_flux)
+    return ApertureCorrection(0, np.array([val]), np.array([[err**2]]), tuple(int(v) for v in shape), n_used, rms,
+                              err / val, 0.0, 0.0, 1.0)
+
+
 def sky_annulus_for(ref_radius: float) -> tuple[float, float]:
     """Local-background annulus for an aperture-correction radius: the default (50, 70) pixels, moved out to
     (2, 2.8) x the radius when that is larger, so that the PSF wings within it stay negligible."""

@@ -40,7 +40,7 @@ from ..repo.formats import read_columns, read_exposure, read_parquet, table_from
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
 from .single_frame import MAX_FOOTPRINT_PEAKS
-from .common import (calibrated_wcs, diffraction_pixels, fit_apcorr_clean, relcal_astrometric_corrections,
+from .common import (calibrated_wcs, diffraction_pixels, fit_apcorr_clean, fit_apcorr_from_inputs, relcal_astrometric_corrections,
                      relcal_zero_point, relcal_zero_points, sky_annulus_for, wcs_from_header)
 
 PEAK_SMOOTHING = 0.5  # peak-finding image: Gaussian of 0.5 sigma_PSF (docs/algorithms-objects.md)
@@ -129,13 +129,20 @@ class ObjectsStage(Stage):
                 ctx.summary[f"{b}_background_level"] = float(np.median(bg.image))
             # as in single_frame: stars measured within max(12, 4 FWHM) (a large aperture in a crowded
             # coadd carries neighbours' and confusion light), the PSF's wing beyond added from theory
-            apc = fit_apcorr_clean(image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
-                                   fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
-                                   diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
-                                   usable=(e.mask & UNUSABLE) == 0 if cfg.apcorr_full_wing_background else None)
+            # the inputs' calibration carried over (their stars' weighted mean calibrated flux / coadd PSF flux);
+            # the coadd's own apertures and a theoretical wing beyond them when too few inputs' stars match
+            apc = (fit_apcorr_from_inputs(mb, _stars(mb), e.extra["CALSTARS"][0], shape)
+                   if cfg.apcorr_from_inputs and auto and "CALSTARS" in e.extra else None)
+            method = "inputs" if apc is not None else "apertures"
+            if apc is None:
+                apc = fit_apcorr_clean(image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
+                                       fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
+                                       diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
+                                       usable=(e.mask & UNUSABLE) == 0 if cfg.apcorr_full_wing_background else None)
             ac = apc(mb["x"], mb["y"])
             # in provenance: the per-patch flux scale hangs on these (docs/algorithms-coadd.md)
             ctx.summary.update({f"{b}_apcorr": float(np.median(ac)), f"{b}_apcorr_n_stars": int(apc.n_used),
+                                f"{b}_apcorr_method": method, f"{b}_apcorr_error": float(apc.error),
                                 f"{b}_apcorr_total_factor": float(apc.total_factor),
                                 f"{b}_apcorr_rms": float(apc.rms), f"{b}_psf_fwhm_pix": fwhm})
             mb["psfFlux"] = mb["psfFlux"] * ac
