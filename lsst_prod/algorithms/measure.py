@@ -212,10 +212,11 @@ def _fit_blend(image, var, good, bgvar, stamps, ixs, iys):
         if free.any():
             nf = np.linalg.pinv(normal[np.ix_(free, free)])
             cf = nf @ noise[np.ix_(free, free)] @ nf
-            diag = np.diag(cov).copy()
+            held = np.flatnonzero(~free)
+            diag = np.diag(cov)[held]
             cov = np.zeros_like(cov)
             cov[np.ix_(free, free)] = cf
-            cov[~free, ~free] = diag[~free]
+            cov[held, held] = diag
 
     def model(a: np.ndarray) -> np.ndarray:
         return np.asarray(X.T @ np.asarray(a, float)).reshape(h, w)

@@ -192,8 +192,7 @@ def _nanmedian0(a: np.ndarray) -> np.ndarray:
     return 0.5 * (lo + np.take_along_axis(s, (c // 2)[None], 0)[0])
 
 
-def _carry_net_flux(lab, hit, resid, source, significant, radius, net_flux_fraction, ref=None,
-                    scale_tolerance=0.0):
+def _carry_net_flux(lab, hit, resid, source, significant, radius, net_flux_fraction, ref, scale_tolerance):
     """The labels in ``hit`` whose region carries net flux: |sum resid| > net_flux_fraction x sum |resid|
     (significant pixels only) over the region grown by ``radius`` into ``source`` pixels.
 
@@ -202,8 +201,8 @@ def _carry_net_flux(lab, hit, resid, source, significant, radius, net_flux_fract
     lobes cancel within about one FWHM.  An artefact (cosmic ray, trail, transient, asteroid) adds or
     removes flux: |sum| ~ sum |.|.
 
-    With ``ref`` (the reference image), a region whose net flux is within ``scale_tolerance`` of the
-    reference's own flux there is kept out as well: the warp then differs from the reference by a
+    A region whose net flux is within ``scale_tolerance`` of the reference image's (``ref``) own flux
+    there is kept out as well: the warp then differs from the reference by a
     photometric scale (its calibration, aperture correction, a residual PSF mismatch in the core), not
     by an artefact.  Without this, one epoch of a bright star 1 % brighter than the others is many sigma
     off, its core is clipped and its wings are not, and the coadd star loses core light that its PSF
@@ -221,7 +220,7 @@ def _carry_net_flux(lab, hit, resid, source, significant, radius, net_flux_fract
         dr = resid[b][ap]
         total = np.abs(dr)[np.abs(dr) > significant[b][ap]].sum()
         net = abs(dr.sum())
-        if net > net_flux_fraction * total and (ref is None or net > scale_tolerance * abs(ref[b][ap].sum())):
+        if net > net_flux_fraction * total and net > scale_tolerance * abs(ref[b][ap].sum()):
             keep.append(h)
     return np.array(keep, dtype=lab.dtype)
 
@@ -298,7 +297,7 @@ def _outliers(warps, usable, target, clip_nsigma, footprint_nsigma, clip_flux_fr
                 hit = np.unique(lab[flag])
                 hit = _carry_net_flux(lab, hit[hit > 0], np.where(judged, matched[i] - ref, 0.0),
                                       judged & (envelope > footprint_nsigma * sig), footprint_nsigma * sig,
-                                      target, net_flux_fraction, ref=ref, scale_tolerance=scale_tolerance)
+                                      target, net_flux_fraction, ref, scale_tolerance)
                 flag = np.isin(lab, hit)
         out[i][box] = _grow(flag, grow_fwhm * w.psf_fwhm_pix) & usable[i][box]
     return out

@@ -32,6 +32,7 @@ from ..errors import AlgorithmError, NoWorkFound
 from ..repo import DataId
 from ..repo.formats import Exposure, read_columns, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
+from .single_frame import apcorr_stars
 from .common import (box_wcs_header, calibrated_wcs, relcal_astrometric_corrections, relcal_zero_point,
                      relcal_zero_points, wcs_from_header)
 
@@ -57,23 +58,23 @@ def detector_patches(ctx, visit: dict, detector_id: int) -> list[tuple[int, int]
 CALSTAR_SOURCE_COLUMNS = ("x", "y", "psfFlux_instFlux", "psfFlux_instFluxErr", "psfFlux_apCorr", "extendedness",
                           "deblend_nChild", "parentSourceId", "blendedness_abs", "psfFlux_flag", "pixelFlags_saturated",
                           "pixelFlags_edge", "pixelFlags_crCenter", "pixelFlags_interpolatedCenter")
+#: a warp's CALSTARS rows: the coadd adds each input's weight and index (CALSTARS_COLUMNS)
+WARP_CALSTARS_COLUMNS = CALSTARS_COLUMNS[:4]
 
 
 def _calibration_stars(src: dict[str, np.ndarray], njy_per_e: float, src_wcs, dst_wcs,
                        outer: tuple[int, int, int, int], footprint: np.ndarray, min_snr: float = 5.0) -> np.ndarray:
-    """(n, 4) x, y (the patch's outer-box pixels), calibrated PSF flux and its error (nJy: the
-    single-frame aperture correction and this warp's zero point, as forced photometry has them) of the
-    calexp's isolated, unsaturated point sources that land on the warp (as single_frame's apcorr_stars
-    selects them, down to S/N ``min_snr``: the objects stage picks its stars by their COADD S/N, > 50, so a
+    """Rows ``WARP_CALSTARS_COLUMNS``: x, y (the patch's outer-box pixels), calibrated PSF flux and its
+    error (nJy: the single-frame aperture correction and this warp's zero point, as forced photometry has
+    them) of the calexp's isolated, unsaturated point sources that land on the warp, selected as
+    single_frame's :func:`~lsst_prod.stages.single_frame.apcorr_stars` selects its aperture-correction
+    stars, down to S/N ``min_snr`` (the objects stage picks its stars by their COADD S/N, > 50, so a
     star's epochs are not selected on their own, upward-scattered fluxes)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = src["psfFlux_instFlux"] / src["psfFlux_instFluxErr"]
-    sel = ((snr >= min_snr) & (src["extendedness"] == 0) & (src["deblend_nChild"] == 0)
-           & ((src["parentSourceId"] == 0) | (src["blendedness_abs"] < 0.05)) & ~src["psfFlux_flag"]
-           & ~src["pixelFlags_saturated"] & ~src["pixelFlags_edge"] & ~src["pixelFlags_crCenter"]
-           & ~src["pixelFlags_interpolatedCenter"] & np.isfinite(src["psfFlux_apCorr"]))
+    view = {**src, "psfFlux": src["psfFlux_instFlux"], "psfFluxErr": src["psfFlux_instFluxErr"],
+            "parent_index": np.where(src["parentSourceId"] == 0, -1, 0)}
+    sel = apcorr_stars(view, min_snr=min_snr) & np.isfinite(src["psfFlux_apCorr"])
     if not sel.any():
-        return np.zeros((0, 4))
+        return np.zeros((0, len(WARP_CALSTARS_COLUMNS)))
     ra, dec = src_wcs.all_pix2world(src["x"][sel], src["y"][sel], 0)
     tx, ty = dst_wcs.all_world2pix(ra, dec, 0)
     x, y = tx - outer[0], ty - outer[1]
@@ -109,9 +110,10 @@ class WarpStage(Stage):
                     by_patch[tp].append(det)
             for (tract, patch), dets in sorted(by_patch.items()):
                 did = DataId(instrument=instrument, visit=v["visit"], skymap=skymap, tract=tract, patch=patch)
-                inputs = [(t, DataId(instrument=instrument, visit=v["visit"], detector=d)) for d in dets
-                          for t in ("calexp", "source") if (t, DataId(instrument=instrument, visit=v["visit"], detector=d))
-                          in ctx.produced]
+                inputs = []
+                for d in dets:  # each calexp (produced, or its detector would not be here) and its Source table
+                    ccd = DataId(instrument=instrument, visit=v["visit"], detector=d)
+                    inputs += [("calexp", ccd)] + ([("source", ccd)] if ("source", ccd) in ctx.produced else [])
                 if use_relcal:
                     inputs.append(relcal)
                 specs.append(QuantumSpec(self.name, did, tuple(inputs), (("warp", did),)))
@@ -178,9 +180,9 @@ class WarpStage(Stage):
                      "PSFFWHMP": float(np.mean(fwhms)), "BUNIT": "nJy", "RELCAL": bool(zps),
                      "RELCALWC": int(n_corrected)})
         extra = {"PSFSTAMP": (psf_stamp.astype(np.float64), {})} if psf_stamp is not None else {}
-        cs = np.concatenate(calstars) if calstars else np.zeros((0, 4))
+        cs = np.concatenate(calstars) if calstars else np.zeros((0, len(WARP_CALSTARS_COLUMNS)))
         if len(cs):  # the visit's calibrated bright stars on the patch grid: the coadd's flux scale
-            extra["CALSTARS"] = (cs.astype(np.float64), {"COLUMNS": "x,y,flux,flux_err"})
+            extra["CALSTARS"] = (cs.astype(np.float64), {"COLUMNS": ",".join(WARP_CALSTARS_COLUMNS)})
         out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))
         ctx.summary.update(n_detectors=n_used, n_relcal_wcs=int(n_corrected), n_calibration_stars=int(len(cs)),
@@ -259,7 +261,7 @@ def _coadd_calstars(warps, weights: np.ndarray) -> np.ndarray:
     rows = []
     for i, (w, wt) in enumerate(zip(warps, weights)):
         if "CALSTARS" in w.extra and wt > 0:
-            cs = np.asarray(w.extra["CALSTARS"][0], np.float64).reshape(-1, 4)
+            cs = np.asarray(w.extra["CALSTARS"][0], np.float64).reshape(-1, len(WARP_CALSTARS_COLUMNS))
             rows.append(np.column_stack([cs, np.full(len(cs), float(wt)), np.full(len(cs), float(i))]))
     return np.concatenate(rows) if rows else np.zeros((0, len(CALSTARS_COLUMNS)))
 
