@@ -3,11 +3,14 @@ single_frame and relcal), checked against truth with loose tolerances (2 visits 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from _helpers import report_json, write_campaign
 from lsst_prod.cli import main
+from lsst_prod.algorithms.stack import unpack_psf_inputs
 from lsst_prod.ids import unpack_object_id
 from lsst_prod.repo import Repository
 from lsst_prod.repo.formats import read_exposure, read_parquet
@@ -32,6 +35,14 @@ def test_coadd_objects_forced_chain(workdir, capsys):
     repo = Repository.open(workdir / "repo")
     coadd = read_exposure(repo.path_of(repo.query("coadd", ["chain/1"])[0]))
     assert coadd.metadata["BUNIT"] == "nJy" and coadd.psf is not None and coadd.metadata["NINPUTS"] >= 1
+    # the coadd carries its input detectors (PSF, mapping, weight): the objects stage measures with their sum
+    stored = unpack_psf_inputs(coadd.extra)
+    assert len(stored) == coadd.metadata["NPSFIN"] >= coadd.metadata["NINPUTS"]
+    assert {i.visit for i in stored} == set(json.loads(coadd.metadata["VISITS"]))
+    objects = [q for q in report["quanta"] if q["stage"] == "objects"
+               and q["attempts"][-1]["outcome"] == "succeeded"]
+    assert objects and all(q["attempts"][-1]["summary"][f"{b}_psf_method"] == "inputs"
+                           for q in objects for b in ("g", "r") if f"{b}_apcorr" in q["attempts"][-1]["summary"])
     obj = read_parquet(repo.path_of(repo.query("object", ["chain/1"])[0])).to_pydict()
     ids = np.array(obj["objectId"])
     assert len(np.unique(ids)) == len(ids) and unpack_object_id(int(ids[0]))["release"] == 7

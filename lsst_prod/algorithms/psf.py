@@ -361,6 +361,24 @@ def fit_moffat_psf(data: np.ndarray, sigma: np.ndarray, clip: float = 3.0) -> tu
 
 
 # --------------------------------------------------------------------------- model
+def place_centred(centred: np.ndarray, x: float, y: float, size: int | None = None) -> np.ndarray:
+    """A centred (S, S) PSF image (S odd) as a (size, size) unit-sum stamp centred at stamp pixel
+    (size//2 + dx, size//2 + dy), ``dx = x - round(x)`` (the ``image_at`` convention): zero-padded and
+    moved by sinc interpolation."""
+    s = int(centred.shape[-1])
+    size = s if size is None else int(size)
+    big = max(size, s) + 2 * _PAD
+    big += 1 - big % 2
+    cc = big // 2
+    canvas = np.zeros((big, big))
+    canvas[cc - s // 2 : cc - s // 2 + s, cc - s // 2 : cc - s // 2 + s] = centred
+    dx, dy = float(x) - np.rint(float(x)), float(y) - np.rint(float(y))  # rint == Python round()
+    shifted = _fft_shift(canvas[None], dx, dy)[0]
+    c = size // 2
+    out = shifted[cc - c : cc - c + size, cc - c : cc - c + size]
+    return out / out.sum()
+
+
 def _poly_terms(order: int) -> list[tuple[int, int]]:
     return [(i, d - i) for d in range(order + 1) for i in range(d, -1, -1)]
 
@@ -421,18 +439,7 @@ class PsfModel:
         ``dx = x - round(x)``, ``dy = y - round(y)`` (Python/numpy rounding, half
         to even): place its pixel ``size//2`` on image pixel ``(round(x), round(y))``.
         """
-        size = self.stamp_size if size is None else int(size)
-        s = self.stamp_size
-        big = max(size, s) + 2 * _PAD
-        big += 1 - big % 2
-        cc = big // 2
-        canvas = np.zeros((big, big))
-        canvas[cc - s // 2 : cc - s // 2 + s, cc - s // 2 : cc - s // 2 + s] = self.centred_image(x, y)
-        dx, dy = float(x) - np.rint(float(x)), float(y) - np.rint(float(y))  # rint == Python round()
-        shifted = _fft_shift(canvas[None], dx, dy)[0]
-        c = size // 2
-        out = shifted[cc - c : cc - c + size, cc - c : cc - c + size]
-        return out / out.sum()
+        return place_centred(self.centred_image(x, y), x, y, size)
 
     def moments_at(self, x: float, y: float) -> tuple[float, float, float]:
         """Adaptive second moments (ixx, iyy, ixy) of the model at (x, y), pixels^2."""

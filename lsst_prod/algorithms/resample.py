@@ -116,6 +116,9 @@ class PixelMapping:
     _sx: Any
     _sy: Any
     _det: Any
+    #: (xs, ys, sx, sy): the destination node columns and rows and the exact source x, y there ((ny, nx)),
+    #: what :meth:`from_nodes` rebuilds the mapping from (a coadd stores its inputs' mappings so)
+    nodes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, src_wcs: Any, dst_wcs: Any, box: tuple[int, int, int, int], grid_step: int = 32,
@@ -143,10 +146,30 @@ class PixelMapping:
             if _SAFETY * err <= max_error or step <= 4:
                 break
             step //= 2
+        return cls._from_splines((x0, y0, x1, y1), step, err, spx, spy, (xs, ys, sx, sy))
+
+    @classmethod
+    def from_nodes(cls, box: tuple[int, int, int, int], xs: np.ndarray, ys: np.ndarray, sx: np.ndarray,
+                   sy: np.ndarray) -> "PixelMapping":
+        """The mapping through stored nodes (``nodes`` of a built one): ``max_error_pix`` is NaN (not
+        checked again), ``grid_step`` the nodes' first spacing."""
+        xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        sx, sy = np.asarray(sx, np.float64).reshape(len(ys), len(xs)), np.asarray(sy, np.float64).reshape(len(ys), len(xs))
+        if len(xs) < 3 or len(ys) < 3:
+            raise ValueError(f"need >= 3 nodes on each axis, got {len(xs)} x {len(ys)}")
+        deg = {"kx": min(3, len(ys) - 1), "ky": min(3, len(xs) - 1), "s": 0}
+        spx, spy = RectBivariateSpline(ys, xs, sx, **deg), RectBivariateSpline(ys, xs, sy, **deg)
+        return cls._from_splines(tuple(int(v) for v in box), int(round(xs[1] - xs[0])), float("nan"), spx, spy,
+                                 (xs, ys, sx, sy))
+
+    @classmethod
+    def _from_splines(cls, box, step, err, spx, spy, nodes) -> "PixelMapping":
+        xs, ys = nodes[0], nodes[1]
+        deg = {"kx": min(3, len(ys) - 1), "ky": min(3, len(xs) - 1), "s": 0}
         # spline dx= is d/d(first argument) = d/dy, dy= is d/dx
         det = np.abs(spx(ys, xs, dy=1) * spy(ys, xs, dx=1) - spx(ys, xs, dx=1) * spy(ys, xs, dy=1))
         spd = RectBivariateSpline(ys, xs, det, **deg)
-        return cls((x0, y0, x1, y1), step, err, spx, spy, spd)
+        return cls(box, step, err, spx, spy, spd, nodes)
 
     def src_grid(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Source x, y and |det J| on the grid of 1-d destination ``x`` (cols) and ``y`` (rows): (ny, nx)."""

@@ -39,8 +39,9 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from lsst_prod.algorithms import masks
-from lsst_prod.algorithms.psf import FWHM_PER_SIGMA, adaptive_moments
+from lsst_prod.algorithms.psf import FWHM_PER_SIGMA, adaptive_moments, place_centred
 from lsst_prod.algorithms.resample import PixelMapping, lanczos_order, overlap_box, warp_psf
+from lsst_prod.errors import NoWorkFound
 
 _NOT_PROPAGATED = int(masks.DETECTED | masks.DETECTED_NEGATIVE | masks.NO_DATA | masks.CLIPPED)
 
@@ -403,71 +404,137 @@ def coadd_psf(psfs_at_position: Sequence[np.ndarray], weights: Sequence[float]) 
 
 @dataclass(frozen=True)
 class CoaddPsfInput:
-    """One input detector of a coadd: PSF model (its pixels), WCS, shape (ny, nx), pixel weight of its visit."""
+    """One input detector of a coadd: PSF model (its pixels), WCS, shape (ny, nx), pixel weight of its visit.
+
+    ``mapping`` (coadd -> this input's pixels over the part of the coadd it covers) replaces ``wcs``:
+    a coadd stores its inputs so (:func:`pack_psf_inputs`), the WCS pair is then not needed.
+    """
 
     psf: Any
     wcs: Any
     shape: tuple[int, int]
     weight: float
+    mapping: PixelMapping | None = None
+    visit: int = -1
+    detector: int = -1
+
+
+def psf_input_box(src_wcs: Any, src_shape: tuple[int, int], coadd_wcs: Any, bbox: tuple[int, int, int, int],
+                  margin: int) -> tuple[int, int, int, int] | None:
+    """The coadd-WCS pixels over which an input's mapping is needed for the coadd PSF: the bounding box of
+    its edge grown by ``margin`` on every side, ``bbox`` grown as much (so a lattice node up to ``margin``
+    beyond the input's data, or beyond the coadd, is evaluated where it is, not moved to the edge)."""
+    grown = (bbox[0] - margin, bbox[1] - margin, bbox[2] + margin, bbox[3] + margin)
+    return overlap_box(src_wcs, src_shape, coadd_wcs, grown, margin=margin)
 
 
 class CoaddPsf:
     """PSF of a coadd with the PsfModel protocol (``image_at``, ``moments_at``, ``sigma_at``, ``fwhm_at``).
 
     Positions are 0-based pixels of the coadd arrays, whose pixel (0, 0) is
-    pixel ``(bbox[0], bbox[1])`` of ``coadd_wcs``.  Evaluated on demand: the
-    inputs whose warp has data at the position (the footprint rule of
-    ``warp_exposure``) are resampled with ``warp_psf`` and summed with their
-    weights.  Each input's mapping is interpolated (a ``PixelMapping`` built on
-    first use); a PSF then costs ~0.5 ms per contributing input and the last
-    512 are cached.  A precomputed grid would be cheaper but wrong near input
-    edges, where the coadd PSF jumps.  Pixels clipped or masked in single
-    inputs are ignored (as in Rubin's CoaddPsf).
+    pixel ``(bbox[0], bbox[1])`` of ``coadd_wcs``.  At a position, the inputs
+    whose warp has data there (the footprint rule of ``warp_exposure``) are
+    resampled with ``warp_psf`` and summed with their weights; pixels clipped
+    or masked in single inputs are ignored (as in Rubin's CoaddPsf).
+
+    ``grid_spacing`` None: evaluated exactly at every position (~0.5 ms per
+    contributing input).  An integer L: the set of contributing inputs is still
+    found exactly at the position (the coadd PSF jumps where an input's edge
+    passes), but the weighted sum of THOSE inputs' PSFs is interpolated
+    bilinearly between the four nodes of an L-pixel lattice around it (their
+    smooth variation across a detector), then moved to the position's sub-pixel
+    phase: each (node, input set) is resampled once and kept (up to
+    ``cache_size``).  ``fallback`` (a PsfModel) answers where no input has data
+    (a footprint reaching into the uncovered part of a patch); without it that
+    is a ValueError.
     """
 
     def __init__(self, inputs: Sequence[CoaddPsfInput], coadd_wcs: Any, bbox: tuple[int, int, int, int],
-                 stamp_size: int | None = None, kernel: str = "lanczos3") -> None:
+                 stamp_size: int | None = None, kernel: str = "lanczos3", grid_spacing: int | None = None,
+                 fallback: Any = None, cache_size: int = 4096) -> None:
         if stamp_size is None:  # the largest input PSF stamp (they follow each input's seeing)
             stamp_size = max((int(getattr(i.psf, "stamp_size", 25)) for i in inputs), default=25)
         if stamp_size % 2 == 0:
             raise ValueError("stamp_size must be odd")
+        if grid_spacing is not None and int(grid_spacing) < 1:
+            raise ValueError(f"grid_spacing must be a positive number of pixels, got {grid_spacing}")
         self.coadd_wcs, self.bbox, self.kernel = coadd_wcs, tuple(int(v) for v in bbox), kernel
         self.stamp_size, self._a = int(stamp_size), lanczos_order(kernel)
-        boxes = [overlap_box(i.wcs, i.shape, coadd_wcs, self.bbox) if i.weight > 0 else None for i in inputs]
+        self.grid_spacing = None if grid_spacing is None else int(grid_spacing)
+        self.fallback, self._cache_size = fallback, int(cache_size)
+        margin = self.grid_spacing or 4
+        boxes = [None if i.weight <= 0 else i.mapping.box if i.mapping is not None
+                 else psf_input_box(i.wcs, i.shape, coadd_wcs, self.bbox, margin) for i in inputs]
         self.inputs = [i for i, b in zip(inputs, boxes) if b is not None]
         self._boxes = [b for b in boxes if b is not None]
-        self._maps: dict[int, PixelMapping] = {}
-        self._cache: dict[tuple[float, float, int], np.ndarray] = {}
+        self._maps: dict[int, PixelMapping | None] = {k: i.mapping for k, i in enumerate(self.inputs)
+                                                      if i.mapping is not None}
+        self._cache: dict[tuple, np.ndarray] = {}
 
-    def _mapping(self, i: int) -> PixelMapping:
+    def _mapping(self, i: int) -> PixelMapping | None:
         if i not in self._maps:
-            self._maps[i] = PixelMapping.build(self.inputs[i].wcs, self.coadd_wcs, self._boxes[i])
+            try:
+                self._maps[i] = PixelMapping.build(self.inputs[i].wcs, self.coadd_wcs, self._boxes[i])
+            except NoWorkFound:  # a sliver (< 3 pixels) of the coadd: the input has no data in it
+                self._maps[i] = None
         return self._maps[i]
 
     def contributing(self, x: float, y: float) -> list[int]:
         """Indices into ``self.inputs`` of the inputs whose warp has data at coadd pixel (x, y)."""
         tx, ty, a, out = float(x) + self.bbox[0], float(y) + self.bbox[1], self._a, []
         for i, (inp, b) in enumerate(zip(self.inputs, self._boxes)):
-            if b[0] <= tx <= b[2] - 1 and b[1] <= ty <= b[3] - 1:
-                sx, sy = (int(np.floor(v[0])) - a + 1 for v in self._mapping(i).src_points([tx], [ty]))
+            if b[0] <= tx <= b[2] - 1 and b[1] <= ty <= b[3] - 1 and (m := self._mapping(i)) is not None:
+                sx, sy = (int(np.floor(v[0])) - a + 1 for v in m.src_points([tx], [ty]))
                 if sx >= 0 and sy >= 0 and sx + 2 * a <= inp.shape[1] and sy + 2 * a <= inp.shape[0]:
                     out.append(i)
         return out
 
+    def _sum_at(self, tx: float, ty: float, idx: tuple[int, ...], size: int) -> np.ndarray:
+        """Weighted sum of the inputs ``idx``'s PSFs at coadd-WCS pixel (tx, ty), each input's position
+        held inside its mapping's box (which reaches the lattice spacing beyond its data)."""
+        stamps = []
+        for i in idx:
+            b = self._boxes[i]
+            px, py = min(max(tx, b[0]), b[2] - 1), min(max(ty, b[1]), b[3] - 1)
+            stamps.append(warp_psf(self.inputs[i].psf, self.inputs[i].wcs, self.coadd_wcs, px, py, size, self.kernel,
+                                   mapping=self._mapping(i)))
+        return coadd_psf(stamps, [self.inputs[i].weight for i in idx])
+
+    def _remember(self, key: tuple, value: np.ndarray) -> np.ndarray:
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = value
+        return value
+
     def image_at(self, x: float, y: float, size: int | None = None) -> np.ndarray:
         """Unit-sum (size, size) coadd PSF centred at stamp pixel (size//2 + dx, size//2 + dy)."""
-        key = (float(x), float(y), self.stamp_size if size is None else int(size))
-        if key not in self._cache:
-            idx = self.contributing(x, y)
-            if not idx:
-                raise ValueError(f"no input covers coadd pixel ({x}, {y})")
-            tx, ty = key[0] + self.bbox[0], key[1] + self.bbox[1]
-            stamps = [warp_psf(self.inputs[i].psf, self.inputs[i].wcs, self.coadd_wcs, tx, ty, key[2], self.kernel,
-                               mapping=self._mapping(i)) for i in idx]
-            if len(self._cache) >= 512:
-                self._cache.clear()
-            self._cache[key] = coadd_psf(stamps, [self.inputs[i].weight for i in idx])
-        return self._cache[key].copy()
+        size = self.stamp_size if size is None else int(size)
+        idx = tuple(self.contributing(x, y))
+        if not idx:
+            if self.fallback is not None:
+                return self.fallback.image_at(x, y, size)
+            raise ValueError(f"no input covers coadd pixel ({x}, {y})")
+        if self.grid_spacing is None:
+            key = (float(x), float(y), size)
+            if key not in self._cache:
+                self._remember(key, self._sum_at(key[0] + self.bbox[0], key[1] + self.bbox[1], idx, size))
+            return self._cache[key].copy()
+        step = self.grid_spacing
+        fx, fy = float(x) / step, float(y) / step
+        i0, j0 = int(np.floor(fx)), int(np.floor(fy))
+        wx, wy = fx - i0, fy - j0
+        centred = np.zeros((self.stamp_size, self.stamp_size))
+        for i, j, w in ((i0, j0, (1 - wx) * (1 - wy)), (i0 + 1, j0, wx * (1 - wy)), (i0, j0 + 1, (1 - wx) * wy),
+                        (i0 + 1, j0 + 1, wx * wy)):
+            if w <= 0:
+                continue
+            key = (i, j, idx)
+            node = self._cache.get(key)
+            if node is None:
+                node = self._remember(key, self._sum_at(i * step + self.bbox[0], j * step + self.bbox[1], idx,
+                                                        self.stamp_size))
+            centred += w * node
+        return place_centred(centred, x, y, size)
 
     def moments_at(self, x: float, y: float) -> tuple[float, float, float]:
         """Adaptive second moments (ixx, iyy, ixy) of the coadd PSF at (x, y), pixels^2."""
@@ -482,6 +549,66 @@ class CoaddPsf:
     def fwhm_at(self, x: float, y: float) -> float:
         """Gaussian-equivalent FWHM = 2.3548 sigma_at, pixels."""
         return FWHM_PER_SIGMA * self.sigma_at(x, y)
+
+
+#: rows of a coadd's (or warp's) PSFINPUT table: one per input detector; the PSF's coefficients are
+#: PSFCOEF[coef_offset : + n_terms(psf_order) x psf_stamp^2], the coadd -> input mapping's nodes
+#: PSFMAP[map_offset : + map_nx + map_ny + 2 map_nx map_ny] (columns, rows, source x, source y)
+PSF_INPUT_COLUMNS = ("visit", "detector", "weight", "ny", "nx", "psf_order", "psf_stamp", "coef_offset",
+                     "box_x0", "box_y0", "box_x1", "box_y1", "map_nx", "map_ny", "map_offset")
+PSF_INPUT_HDUS = ("PSFINPUT", "PSFCOEF", "PSFMAP")
+
+
+def pack_psf_inputs(inputs: Sequence[CoaddPsfInput]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """Image HDUs (name -> (array, header)) holding ``inputs`` (each with a PIXPOLY ``psf`` and a
+    ``mapping``): what :func:`unpack_psf_inputs` reads back.  Empty dict for no inputs."""
+    rows, coefs, maps, co, mo = [], [], [], 0, 0
+    for inp in inputs:
+        if inp.mapping is None or inp.mapping.nodes is None:
+            raise ValueError(f"input visit {inp.visit} detector {inp.detector} has no stored mapping")
+        c = np.asarray(inp.psf.coeffs, np.float64)
+        xs, ys, sx, sy = inp.mapping.nodes
+        flat = np.concatenate([xs, ys, np.ravel(sx), np.ravel(sy)])
+        rows.append([inp.visit, inp.detector, inp.weight, inp.shape[0], inp.shape[1], inp.psf.spatial_order,
+                     c.shape[-1], co, *inp.mapping.box, len(xs), len(ys), mo])
+        coefs.append(c.ravel())
+        maps.append(flat)
+        co, mo = co + c.size, mo + flat.size
+    if not rows:
+        return {}
+    return {"PSFINPUT": (np.asarray(rows, np.float64), {"COLUMNS": ",".join(PSF_INPUT_COLUMNS)}),
+            "PSFCOEF": (np.concatenate(coefs), {}), "PSFMAP": (np.concatenate(maps), {})}
+
+
+def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]], weights: Sequence[float] | None = None
+                      ) -> list[CoaddPsfInput]:
+    """The inputs stored by :func:`pack_psf_inputs` in ``extra`` (an Exposure's extra HDUs); ``weights``
+    (one per row) replaces the stored ones.  Empty list when ``extra`` holds none."""
+    from lsst_prod.algorithms.psf import PsfModel, _poly_terms
+
+    if not all(h in extra for h in PSF_INPUT_HDUS):
+        return []
+    table = np.asarray(extra["PSFINPUT"][0], np.float64).reshape(-1, len(PSF_INPUT_COLUMNS))
+    coef, flat = np.asarray(extra["PSFCOEF"][0], np.float64).ravel(), np.asarray(extra["PSFMAP"][0], np.float64).ravel()
+    col = {n: k for k, n in enumerate(PSF_INPUT_COLUMNS)}
+    if weights is not None and len(weights) != len(table):
+        raise ValueError(f"{len(weights)} weights for {len(table)} stored PSF inputs")
+    out = []
+    for k, r in enumerate(table):
+        order, s = int(r[col["psf_order"]]), int(r[col["psf_stamp"]])
+        n_terms, o = len(_poly_terms(order)), int(r[col["coef_offset"]])
+        shape = (int(r[col["ny"]]), int(r[col["nx"]]))
+        psf = PsfModel(coef[o:o + n_terms * s * s].reshape(n_terms, s, s), order, shape, 0, 0, float("nan"),
+                       float("nan"))
+        nx, ny, m = int(r[col["map_nx"]]), int(r[col["map_ny"]]), int(r[col["map_offset"]])
+        xs, ys = flat[m:m + nx], flat[m + nx:m + nx + ny]
+        sx = flat[m + nx + ny:m + nx + ny + nx * ny]
+        sy = flat[m + nx + ny + nx * ny:m + nx + ny + 2 * nx * ny]
+        box = tuple(int(r[col[c]]) for c in ("box_x0", "box_y0", "box_x1", "box_y1"))
+        out.append(CoaddPsfInput(psf, None, shape, float(r[col["weight"]]) if weights is None else float(weights[k]),
+                                 PixelMapping.from_nodes(box, xs, ys, sx, sy), int(r[col["visit"]]),
+                                 int(r[col["detector"]])))
+    return out
 
 
 # --------------------------------------------------------------------------- selections

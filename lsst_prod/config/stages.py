@@ -177,6 +177,14 @@ class ObjectsConfig(StageConfig):
                           "outside the footprints of the coadd minus every measured source's full-wing model (the "
                           "calexps' backgrounds took in their detected stars' wings, leaving the coadd below zero)")
     background_mesh_pixels: int = Field(256, ge=16, description="mesh cell of that coadd background, pixels")
+    psf_from_inputs: bool = Field(
+        True, description="measure with the coadd PSF summed from its inputs' PSFs at each position (the inputs "
+                          "the coadd stores: Rubin's CoaddPsf); false, or a coadd without them: the model fitted "
+                          "to the coadd's own stars")
+    psf_grid_pixels: int = Field(
+        100, ge=1, le=10_000, description="lattice spacing of that summed PSF, pixels: the inputs covering a "
+                                         "position are found exactly there, their PSFs' smooth variation is "
+                                         "interpolated between lattice nodes (docs/algorithms-coadd.md)")
 
     @field_validator("apcorr_reference_radius_pixels")
     @classmethod

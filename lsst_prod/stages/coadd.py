@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 from astropy.wcs import WCS
@@ -25,7 +26,9 @@ from ..algorithms.detect import detect_sources
 from ..algorithms.apcorr import CALSTARS_COLUMNS
 from ..algorithms.psf import PsfModel, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
 from ..algorithms.resample import warp_exposure, warp_psf
-from ..algorithms.stack import WarpInput, coadd_psf, select_best_seeing, stack_warps
+from ..algorithms.resample import PixelMapping
+from ..algorithms.stack import (CoaddPsfInput, WarpInput, coadd_psf, pack_psf_inputs, psf_input_box,
+                                select_best_seeing, stack_warps, unpack_psf_inputs)
 from ..camera import Camera, nominal_wcs_header
 from ..config.stages import CoaddConfig, WarpConfig
 from ..errors import AlgorithmError, NoWorkFound
@@ -54,6 +57,12 @@ def detector_patches(ctx, visit: dict, detector_id: int) -> list[tuple[int, int]
     return [p for p in pairs if tracts == "auto" or p[0] in tracts]
 
 
+#: node spacing (patch pixels) of the coadd -> calexp mappings a warp stores for the coadd PSF: the PSF
+#: needs the local Jacobian and the input's edge, not the warp's 0.01-pixel positions
+PSF_MAP_STEP = 64
+#: ... over the detector's footprint grown by this much: the objects stage's PSF lattice nodes (objects.
+#: psf_grid_pixels, <= this) just outside an input's data are evaluated where they are
+PSF_MAP_MARGIN = 128
 #: Source columns a warp reads to carry its visit's calibration stars to the coadd
 CALSTAR_SOURCE_COLUMNS = ("x", "y", "psfFlux_instFlux", "psfFlux_instFluxErr", "psfFlux_apCorr", "extendedness",
                           "deblend_nChild", "parentSourceId", "blendedness_abs", "psfFlux_flag", "pixelFlags_saturated",
@@ -141,7 +150,7 @@ class WarpStage(Stage):
         fwhms, n_used, n_corrected = [], 0, 0
         psf_stamp, best_valid = None, -1
         sources = {int(r.data_id["detector"]): r for r in ctx.inputs_of("source")}
-        calstars = []
+        calstars, psf_inputs = [], []
         for ref in ctx.inputs_of("calexp"):
             exp = read_exposure(ctx.repo.path_of(ref))
             det = int(ref.data_id["detector"])
@@ -169,6 +178,16 @@ class WarpStage(Stage):
             fwhms.append(float(exp.metadata["PSFFWHM"]) / float(exp.metadata.get("PIXSCALE", 0.2)))
             meta = {k: exp.metadata[k] for k in ("BAND", "FILTER", "MJD-MID", "EXPTIME", "AIRMASS") if k in exp.metadata}
             if exp.psf is not None:
+                # the detector's PSF and its mapping from the patch: the coadd stores them for its PSF
+                box = psf_input_box(src_wcs, exp.image.shape, dst_wcs, p.outer, PSF_MAP_MARGIN)
+                try:
+                    mapping = PixelMapping.build(src_wcs, dst_wcs, box, grid_step=PSF_MAP_STEP, max_error=0.05) \
+                        if box is not None else None
+                except NoWorkFound:  # a sliver of the patch
+                    mapping = None
+                if mapping is not None:
+                    psf_inputs.append(CoaddPsfInput(PsfModel.from_fits(*exp.psf), None, exp.image.shape, 1.0, mapping,
+                                                    int(ctx.data_id["visit"]), det))
                 # this visit's PSF as it appears at the patch centre (fallback coadd PSF, see CoaddStage)
                 cx, cy = (p.outer[0] + p.outer[2]) / 2.0, (p.outer[1] + p.outer[3]) / 2.0
                 stamp = warp_psf(PsfModel.from_fits(*exp.psf), src_wcs, dst_wcs, cx, cy)
@@ -183,6 +202,7 @@ class WarpStage(Stage):
         cs = np.concatenate(calstars) if calstars else np.zeros((0, len(WARP_CALSTARS_COLUMNS)))
         if len(cs):  # the visit's calibrated bright stars on the patch grid: the coadd's flux scale
             extra["CALSTARS"] = (cs.astype(np.float64), {"COLUMNS": ",".join(WARP_CALSTARS_COLUMNS)})
+        extra.update(pack_psf_inputs(psf_inputs))  # weights 1: the coadd sets each input's
         out = Exposure(image, mask, variance, meta, box_wcs_header(dst_wcs, p.outer), extra=extra)
         ctx.put("warp", lambda path: write_exposure(path, out))
         ctx.summary.update(n_detectors=n_used, n_relcal_wcs=int(n_corrected), n_calibration_stars=int(len(cs)),
@@ -247,6 +267,9 @@ class CoaddStage(Stage):
             calstars = _coadd_calstars(chosen, co.weights)
             extra = {"CALSTARS": (calstars, {"COLUMNS": ",".join(CALSTARS_COLUMNS)})} if len(calstars) else {}
             meta["NCALSTAR"] = int(len(calstars))
+            psf_inputs = _coadd_psf_inputs(chosen, co.weights)
+            extra.update(pack_psf_inputs(psf_inputs))
+            meta["NPSFIN"] = len(psf_inputs)
             exp = Exposure(image, cmask, variance, meta, wcs_header, psf.to_fits(), extra)
             ctx.put(COADD_TYPES[kind], lambda path, exp=exp: write_exposure(path, exp))
             if kind == "deep":
@@ -264,6 +287,19 @@ def _coadd_calstars(warps, weights: np.ndarray) -> np.ndarray:
             cs = np.asarray(w.extra["CALSTARS"][0], np.float64).reshape(-1, len(WARP_CALSTARS_COLUMNS))
             rows.append(np.column_stack([cs, np.full(len(cs), float(wt)), np.full(len(cs), float(i))]))
     return np.concatenate(rows) if rows else np.zeros((0, len(CALSTARS_COLUMNS)))
+
+
+def _coadd_psf_inputs(warps, weights: np.ndarray) -> list[CoaddPsfInput]:
+    """The input detectors of the coadd with their PSF, mapping and the coadd weight of their visit
+    (what ``algorithms.stack.CoaddPsf`` sums); none when a warp does not carry them (written before
+    warps stored their inputs): a partial list would be a wrong PSF."""
+    out = []
+    for w, wt in zip(warps, weights):
+        got = unpack_psf_inputs(w.extra)
+        if not got:
+            return []
+        out += [replace(g, weight=float(wt)) for g in got] if wt > 0 else []
+    return out
 
 
 def _coadd_psf(image, variance, mask, cfg: CoaddConfig, fallback: np.ndarray | None = None) -> PsfModel:

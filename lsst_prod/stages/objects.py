@@ -32,6 +32,7 @@ from ..algorithms.measure import measure_sources
 from ..algorithms.merge import merge_detections, split_merged
 from ..algorithms.apcorr import apcorr_measure_radius
 from ..algorithms.psf import PsfModel, apcorr_radius
+from ..algorithms.stack import CoaddPsf, unpack_psf_inputs
 from ..config.stages import ForcedConfig, ObjectsConfig
 from ..errors import NoWorkFound
 from ..ids import ObjectIdFactory
@@ -75,7 +76,10 @@ class ObjectsStage(Stage):
         bands = sorted(coadds)
         if not bands:
             raise NoWorkFound(f"no coadd for {ctx.data_id} (patch barely covered)")
-        psfs = {b: PsfModel.from_fits(*coadds[b].psf) for b in bands}
+        skymap = SkyMap(SkyMapConfig.model_validate(ctx.extra["skymap"]))
+        pinfo = skymap.patch_info(int(ctx.data_id["tract"]), int(ctx.data_id["patch"]))
+        psfs = {b: _coadd_psf_model(coadds[b], cfg, pinfo.outer) for b in bands}
+        ctx.summary.update({f"{b}_psf_method": "inputs" if isinstance(psfs[b], CoaddPsf) else "stars" for b in bands})
         shape = coadds[bands[0]].image.shape
         pixel_scale = float(SkyMapConfig(**ctx.extra["skymap"]).pixel_scale_arcsec)
         per_band: dict[str, Footprints] = {}
@@ -118,7 +122,10 @@ class ObjectsStage(Stage):
                 # The calexps' backgrounds took in the wings of their detected stars (the masked mean of the
                 # pixels between footprints), so the coadd sits below zero by that light's mean: estimate the
                 # coadd's level with every measured source's full-wing model removed, subtract it, measure again
-                leaf = (mb["deblend_nChild"] == 0) & np.isfinite(mb["psfFlux"]) & (mb["psfFlux"] > 0)
+                # (not the flagged: a source in or beside a patch's uncovered part has a PSF flux from the few
+                # usable pixels at its stamp's edge, up to 1e18 nJy)
+                leaf = (mb["deblend_nChild"] == 0) & np.isfinite(mb["psfFlux"]) & (mb["psfFlux"] > 0) & \
+                    ~np.asarray(mb["psfFlux_flag"], bool)
                 bg = background_without_sources(e.image, e.mask | detected, psfs[b], mb["x"][leaf], mb["y"][leaf],
                                                  mb["psfFlux"][leaf], fwhm,
                                                  diffraction=diffraction_pixels(cfg, b, pixel_scale),
@@ -189,12 +196,10 @@ class ObjectsStage(Stage):
         cols["refBand"] = np.full(n, ref_band)
         cols["refExtendedness"] = cols[f"{ref_band}_extendedness"]
         # primary: leaves (children or isolated) in the patch inner region and the tract inner region
-        skymap = SkyMap(SkyMapConfig.model_validate(ctx.extra["skymap"]))
         t = skymap.tract_info(int(ctx.data_id["tract"]))
-        p = skymap.patch_info(int(ctx.data_id["tract"]), int(ctx.data_id["patch"]))
-        xt, yt = cols["x"] + p.outer[0], cols["y"] + p.outer[1]
-        inner_patch = (xt >= p.inner[0] - 0.5) & (xt < p.inner[2] - 0.5) & (yt >= p.inner[1] - 0.5) & \
-            (yt < p.inner[3] - 0.5)
+        xt, yt = cols["x"] + pinfo.outer[0], cols["y"] + pinfo.outer[1]
+        inner_patch = (xt >= pinfo.inner[0] - 0.5) & (xt < pinfo.inner[2] - 0.5) & (yt >= pinfo.inner[1] - 0.5) & \
+            (yt < pinfo.inner[3] - 0.5)
         cols["detect_isPatchInner"] = inner_patch
         cols["detect_isTractInner"] = t.contains_inner(ra, dec)
         # a leaf is primary: a deblended child, an isolated object, or a parent the deblender skipped
@@ -212,6 +217,17 @@ class ObjectsStage(Stage):
         ctx.put("object", lambda path: write_parquet(path, table))
         ctx.summary.update(n_objects=int(n), n_primary=int(cols["detect_isPrimary"].sum()),
                            n_blends=int((cols["deblend_nChild"] > 0).sum()))
+
+
+def _coadd_psf_model(coadd, cfg: ObjectsConfig, outer: tuple[int, int, int, int]):
+    """The PSF the objects stage measures a coadd with: the sum of the input detectors' PSFs the coadd
+    stores (``algorithms.stack.CoaddPsf``; its star-fitted model where no input has data), or that
+    star-fitted model when ``psf_from_inputs`` is off or the coadd stores no inputs."""
+    star_fit = PsfModel.from_fits(*coadd.psf)
+    inputs = unpack_psf_inputs(coadd.extra) if cfg.psf_from_inputs else []
+    if not inputs:
+        return star_fit
+    return CoaddPsf(inputs, None, outer, grid_spacing=cfg.psf_grid_pixels, fallback=star_fit)
 
 
 def _stars(cols: dict[str, np.ndarray]) -> np.ndarray:

@@ -104,6 +104,21 @@ def test_coarse_grid_mapping_error_below_0p01_pixel():
     assert np.hypot(ix - ex, iy - ey).max() < 1e-4
 
 
+def test_mapping_rebuilt_from_its_nodes_is_the_same_mapping():
+    """``from_nodes`` (what a coadd rebuilds its inputs' mappings with) gives the built mapping back."""
+    src = src_at(25.0)
+    box = overlap_box(src, (1024, 1024), DST, BOX)
+    m = PixelMapping.build(src, DST, box, grid_step=64, max_error=0.05)
+    r = PixelMapping.from_nodes(m.box, *m.nodes)
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(box[0], box[2] - 1, 500), rng.uniform(box[1], box[3] - 1, 500)
+    assert np.allclose(np.array(r.src_points(x, y)), np.array(m.src_points(x, y)), rtol=0, atol=1e-9)
+    assert np.allclose(r.jacobian(x[0], y[0]), m.jacobian(x[0], y[0]), rtol=0, atol=1e-12)
+    assert r.box == m.box and r.grid_step == m.grid_step
+    with pytest.raises(ValueError, match="3 nodes"):
+        PixelMapping.from_nodes(box, m.nodes[0][:2], m.nodes[1], m.nodes[2][:, :2], m.nodes[3][:, :2])
+
+
 def test_flat_image_stays_flat_and_distorted_flat_follows_the_jacobian():
     shape = (300, 300)
     ones, var, msk = np.ones(shape, np.float32), np.ones(shape, np.float32), np.zeros(shape, np.uint32)

@@ -8,10 +8,10 @@ import pytest
 
 from lsst_prod.algorithms import masks
 from lsst_prod.algorithms.psf import PsfModel
-from lsst_prod.algorithms.resample import warp_exposure
+from lsst_prod.algorithms.resample import PixelMapping, warp_exposure
 from lsst_prod.algorithms.stack import (
-    CoaddPsf, CoaddPsfInput, WarpInput, coadd_psf, match_to_gaussian, psf_match_kernel, select_best_seeing,
-    select_period, stack_warps,
+    CoaddPsf, CoaddPsfInput, WarpInput, coadd_psf, match_to_gaussian, pack_psf_inputs, psf_input_box, psf_match_kernel,
+    select_best_seeing, select_period, stack_warps, unpack_psf_inputs,
 )
 
 try:
@@ -235,6 +235,87 @@ def test_coadd_psf_class_end_to_end_through_warping():
         assert np.abs(resid).max() < 0.01 * model.max(), np.abs(resid).max() / model.max()  # measured 1.0-1.5e-3
         assert 2.9 < cpsf.fwhm_at(x, y) < 5.0 and cpsf.sigma_at(x, y) > 1.2
     assert min(n_contrib) < max(n_contrib)  # the shifted detector covers only part of the patch
+
+
+def _varying_psf_model(fwhm: float, shape, size=25, growth=0.25) -> PsfModel:
+    """A Gaussian whose FWHM grows by ``growth`` (fraction) from the detector's left edge to its right
+    (order-1 pixel polynomial: the centred image is c0 + u c1, u in [-1, 1])."""
+    def g(f):
+        st = galsim.Gaussian(fwhm=f).drawImage(nx=size, ny=size, scale=1.0).array.astype(np.float64)
+        return st / st.sum()
+    mid, half = g(fwhm * (1 + growth / 2)), 0.5 * (g(fwhm * (1 + growth)) - g(fwhm))
+    return PsfModel(coeffs=np.stack([mid, half, np.zeros_like(mid)]), spatial_order=1, detector_shape=shape,
+                    n_stars=0, n_rejected=0, residual_rms=0.0, chi2=1.0)
+
+
+def _stored_inputs(box):
+    """Five rotated, distorted, partly overlapping detectors with spatially varying PSFs over ``box``, as
+    CoaddPsf inputs from their WCS and as a warp stores them (mappings on 64-pixel nodes, packed)."""
+    shape, inputs, stored = (300, 300), [], []
+    for i, (rot, fw, d) in enumerate([(10.0, 3.0, (0, 0)), (-35.0, 3.6, (8.3, -5.1)), (60.0, 4.2, (-12.7, 3.3)),
+                                       (95.0, 3.3, (4.4, 9.9)), (150.0, 5.0, (140.0, -120.0))]):
+        src = src_at(rot, dpix=d, shape=shape, distortion_pix=30.0)
+        psf, weight = _varying_psf_model(fw, shape), 1.0 / (1.0 + i)
+        inputs.append(CoaddPsfInput(psf, src, shape, weight, visit=100 + i, detector=i))
+        b = psf_input_box(src, shape, DST, box, 64)  # as a warp stores it (grown by more than the lattice)
+        stored.append(CoaddPsfInput(psf, None, shape, weight, PixelMapping.build(src, DST, b, grid_step=64,
+                                                                                  max_error=0.05), 100 + i, i))
+    return inputs, unpack_psf_inputs(pack_psf_inputs(stored))
+
+
+def test_coadd_psf_from_stored_inputs_and_on_a_lattice_matches_the_exact_sum():
+    """What a coadd stores of its inputs (packed PSFs and 64-pixel mapping nodes) gives the PSF the
+    inputs' WCS give; on a 50-pixel lattice the inputs' smooth variation is interpolated, but the set
+    of inputs is found at each position, so the jump at an input's edge is kept, not smoothed."""
+    box = (900, 900, 1300, 1300)
+    inputs, stored = _stored_inputs(box)
+    assert [(i.visit, i.detector, i.weight, i.shape) for i in stored] == \
+        [(i.visit, i.detector, i.weight, i.shape) for i in inputs]
+    exact = CoaddPsf(inputs, DST, box, stamp_size=25)
+    from_store = CoaddPsf(stored, None, box, stamp_size=25)
+    lattice = CoaddPsf(stored, None, box, stamp_size=25, grid_spacing=50)
+    rng = np.random.default_rng(3)
+    worst_store, worst_lattice, worst_fwhm, sets = 0.0, 0.0, 0.0, set()
+    for x, y in rng.uniform(5, 395, size=(60, 2)):
+        idx = exact.contributing(x, y)
+        assert from_store.contributing(x, y) == idx
+        if not idx:
+            continue
+        sets.add(tuple(idx))
+        e = exact.image_at(x, y)
+        worst_store = max(worst_store, np.abs(from_store.image_at(x, y) - e).max() / e.max())
+        worst_lattice = max(worst_lattice, np.abs(lattice.image_at(x, y) - e).max() / e.max())
+        worst_fwhm = max(worst_fwhm, abs(lattice.fwhm_at(x, y) / exact.fwhm_at(x, y) - 1))
+    assert len(sets) >= 3  # positions covered by different sets of inputs
+    assert worst_store < 1e-3, worst_store
+    # The FWHM grows 25 % across each 300-pixel detector, ~2 % over half a lattice cell: a model constant
+    # between nodes fails both.  Measured 5.5e-3 of the peak whatever the spacing (10-50 px): the exact
+    # sum's Lanczos resampling of each input PSF at its own sub-pixel phase, a texture of +-0.5 % of the
+    # peak from one pixel to the next that the lattice (nodes on whole pixels) does not follow.
+    assert worst_lattice < 1e-2, worst_lattice
+    assert worst_fwhm < 4e-3, worst_fwhm  # measured 2.4e-3; 0.031 on a 400-pixel lattice, 0.11 without the variation
+    # across the edge of the far-shifted input (index 4): one pixel apart, the exact PSF jumps, the lattice's too
+    ex = next((x, y) for x in np.arange(5.0, 395.0, 1.0) for y in (200.0,)
+              if (4 in exact.contributing(x, y)) != (4 in exact.contributing(x + 1, y)))
+    a, b = exact.image_at(*ex), exact.image_at(ex[0] + 1, ex[1])
+    la, lb = lattice.image_at(*ex), lattice.image_at(ex[0] + 1, ex[1])
+    assert np.abs(a - b).max() > 0.03 * a.max()
+    assert np.abs(la - a).max() < 1e-2 * a.max() and np.abs(lb - b).max() < 1e-2 * b.max()
+
+
+def test_coadd_psf_outside_every_input_uses_the_fallback_or_says_so():
+    box = (900, 900, 1300, 1300)
+    inputs, stored = _stored_inputs(box)
+    far = (-400.0, -400.0)  # coadd pixels no input reaches
+    with pytest.raises(ValueError, match="no input covers"):
+        CoaddPsf(stored, None, box, stamp_size=25).image_at(*far)
+    fallback = _gaussian_psf_model(3.0, (400, 400))
+    got = CoaddPsf(stored, None, box, stamp_size=25, grid_spacing=50, fallback=fallback).image_at(*far)
+    assert np.allclose(got, fallback.image_at(*far, 25))
+    with pytest.raises(ValueError, match="no stored mapping"):
+        pack_psf_inputs(inputs)
+    with pytest.raises(ValueError, match="grid_spacing"):
+        CoaddPsf(stored, None, box, grid_spacing=0)
 
 
 def _stamp_image(shape, x, y, fwhm):
