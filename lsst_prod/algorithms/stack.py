@@ -443,15 +443,16 @@ class CoaddPsf:
     passes), but the weighted sum of THOSE inputs' PSFs is interpolated
     bilinearly between the four nodes of an L-pixel lattice around it (their
     smooth variation across a detector), then moved to the position's sub-pixel
-    phase: each (node, input set) is resampled once and kept (up to
-    ``cache_size``).  ``fallback`` (a PsfModel) answers where no input has data
+    phase: each input's PSF is resampled once per node, each (node, input set)
+    summed once, and both kept (up to ``cache_size`` stamps of ~15 kB).
+    ``fallback`` (a PsfModel) answers where no input has data
     (a footprint reaching into the uncovered part of a patch); without it that
     is a ValueError.
     """
 
     def __init__(self, inputs: Sequence[CoaddPsfInput], coadd_wcs: Any, bbox: tuple[int, int, int, int],
                  stamp_size: int | None = None, kernel: str = "lanczos3", grid_spacing: int | None = None,
-                 fallback: Any = None, cache_size: int = 4096) -> None:
+                 fallback: Any = None, cache_size: int = 8192) -> None:
         if stamp_size is None:  # the largest input PSF stamp (they follow each input's seeing)
             stamp_size = max((int(getattr(i.psf, "stamp_size", 25)) for i in inputs), default=25)
         if stamp_size % 2 == 0:
@@ -489,15 +490,23 @@ class CoaddPsf:
                     out.append(i)
         return out
 
-    def _sum_at(self, tx: float, ty: float, idx: tuple[int, ...], size: int) -> np.ndarray:
+    def _sum_at(self, tx: float, ty: float, idx: tuple[int, ...], size: int, node: tuple[int, int] | None = None
+                ) -> np.ndarray:
         """Weighted sum of the inputs ``idx``'s PSFs at coadd-WCS pixel (tx, ty), each input's position
-        held inside its mapping's box (which reaches the lattice spacing beyond its data)."""
+        held inside its mapping's box (which reaches the lattice spacing beyond its data).  At a lattice
+        ``node`` each input's warped PSF is kept: another set of inputs at the same node reuses it."""
         stamps = []
         for i in idx:
-            b = self._boxes[i]
-            px, py = min(max(tx, b[0]), b[2] - 1), min(max(ty, b[1]), b[3] - 1)
-            stamps.append(warp_psf(self.inputs[i].psf, self.inputs[i].wcs, self.coadd_wcs, px, py, size, self.kernel,
-                                   mapping=self._mapping(i)))
+            key = None if node is None else ("input", node, i)
+            st = self._cache.get(key) if key is not None else None
+            if st is None:
+                b = self._boxes[i]
+                px, py = min(max(tx, b[0]), b[2] - 1), min(max(ty, b[1]), b[3] - 1)
+                st = warp_psf(self.inputs[i].psf, self.inputs[i].wcs, self.coadd_wcs, px, py, size, self.kernel,
+                              mapping=self._mapping(i))
+                if key is not None:
+                    self._remember(key, st)
+            stamps.append(st)
         return coadd_psf(stamps, [self.inputs[i].weight for i in idx])
 
     def _remember(self, key: tuple, value: np.ndarray) -> np.ndarray:
@@ -532,7 +541,7 @@ class CoaddPsf:
             node = self._cache.get(key)
             if node is None:
                 node = self._remember(key, self._sum_at(i * step + self.bbox[0], j * step + self.bbox[1], idx,
-                                                        self.stamp_size))
+                                                        self.stamp_size, node=(i, j)))
             centred += w * node
         return place_centred(centred, x, y, size)
 
