@@ -417,6 +417,8 @@ class CoaddPsfInput:
     mapping: PixelMapping | None = None
     visit: int = -1
     detector: int = -1
+    #: the input's single-frame aperture correction (total / PSF flux), its mean over the detector; NaN unknown
+    apcorr: float = float("nan")
 
 
 def psf_input_box(src_wcs: Any, src_shape: tuple[int, int], coadd_wcs: Any, bbox: tuple[int, int, int, int],
@@ -545,6 +547,21 @@ class CoaddPsf:
             centred += w * node
         return place_centred(centred, x, y, size)
 
+    def input_aperture_correction(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The coadd's aperture correction implied by its inputs' at each (x, y): a star's coadd image is
+        the weighted mean of its epochs, each ``flux / apcorr_i`` in its PSF's shape, and the coadd PSF the
+        weighted mean of those shapes, so its PSF flux is ``flux x sum(w_i / apcorr_i) / sum(w_i)`` over
+        the inputs covering it (Rubin's coadd aperture-correction map, with each input's correction its
+        mean over the detector).  NaN where no input covers a position or one covering lacks its correction."""
+        out = np.full(np.shape(x), np.nan)
+        for k, (xi, yi) in enumerate(zip(np.ravel(x), np.ravel(y))):
+            idx = self.contributing(xi, yi) if np.isfinite(xi) and np.isfinite(yi) else []
+            if idx:
+                w = np.array([self.inputs[i].weight for i in idx])
+                a = np.array([self.inputs[i].apcorr for i in idx])
+                out.flat[k] = w.sum() / (w / a).sum()
+        return out
+
     def moments_at(self, x: float, y: float) -> tuple[float, float, float]:
         """Adaptive second moments (ixx, iyy, ixy) of the coadd PSF at (x, y), pixels^2."""
         m = adaptive_moments(self.image_at(round(float(x)), round(float(y)))[None])
@@ -564,7 +581,7 @@ class CoaddPsf:
 #: PSFCOEF[coef_offset : + n_terms(psf_order) x psf_stamp^2], the coadd -> input mapping's nodes
 #: PSFMAP[map_offset : + map_nx + map_ny + 2 map_nx map_ny] (columns, rows, source x, source y)
 PSF_INPUT_COLUMNS = ("visit", "detector", "weight", "ny", "nx", "psf_order", "psf_stamp", "coef_offset",
-                     "box_x0", "box_y0", "box_x1", "box_y1", "map_nx", "map_ny", "map_offset")
+                     "box_x0", "box_y0", "box_x1", "box_y1", "map_nx", "map_ny", "map_offset", "apcorr")
 PSF_INPUT_HDUS = ("PSFINPUT", "PSFCOEF", "PSFMAP")
 
 
@@ -579,7 +596,7 @@ def pack_psf_inputs(inputs: Sequence[CoaddPsfInput]) -> dict[str, tuple[np.ndarr
         xs, ys, sx, sy = inp.mapping.nodes
         flat = np.concatenate([xs, ys, np.ravel(sx), np.ravel(sy)])
         rows.append([inp.visit, inp.detector, inp.weight, inp.shape[0], inp.shape[1], inp.psf.spatial_order,
-                     c.shape[-1], co, *inp.mapping.box, len(xs), len(ys), mo])
+                     c.shape[-1], co, *inp.mapping.box, len(xs), len(ys), mo, inp.apcorr])
         coefs.append(c.ravel())
         maps.append(flat)
         co, mo = co + c.size, mo + flat.size
@@ -616,7 +633,7 @@ def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]], weights: Sequenc
         box = tuple(int(r[col[c]]) for c in ("box_x0", "box_y0", "box_x1", "box_y1"))
         out.append(CoaddPsfInput(psf, None, shape, float(r[col["weight"]]) if weights is None else float(weights[k]),
                                  PixelMapping.from_nodes(box, xs, ys, sx, sy), int(r[col["visit"]]),
-                                 int(r[col["detector"]])))
+                                 int(r[col["detector"]]), float(r[col["apcorr"]])))
     return out
 
 

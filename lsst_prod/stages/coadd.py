@@ -95,6 +95,19 @@ def _calibration_stars(src: dict[str, np.ndarray], njy_per_e: float, src_wcs, ds
     return np.column_stack([x, y, src["psfFlux_instFlux"][sel] * scale, src["psfFlux_instFluxErr"][sel] * scale])[inside]
 
 
+def _mean_apcorr(exp: Exposure) -> float:
+    """The calexp's single-frame aperture correction averaged over a 5 x 5 grid of the detector (NaN
+    without one): the coadd's correction follows from its inputs' (``CoaddPsf.input_aperture_correction``)."""
+    from ..algorithms.apcorr import ApertureCorrection
+
+    if "APCORR" not in exp.extra:
+        return float("nan")
+    apc = ApertureCorrection.from_dict(json.loads(exp.extra["APCORR"][1]["APCDICT"]))
+    ny, nx = exp.image.shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
+    return float(np.mean(apc(gx.ravel(), gy.ravel())))
+
+
 class WarpStage(Stage):
     name = "warp"
     dimensions = ("instrument", "visit", "skymap", "tract", "patch")
@@ -187,7 +200,7 @@ class WarpStage(Stage):
                     mapping = None
                 if mapping is not None:
                     psf_inputs.append(CoaddPsfInput(PsfModel.from_fits(*exp.psf), None, exp.image.shape, 1.0, mapping,
-                                                    int(ctx.data_id["visit"]), det))
+                                                    int(ctx.data_id["visit"]), det, _mean_apcorr(exp)))
                 # this visit's PSF as it appears at the patch centre (fallback coadd PSF, see CoaddStage)
                 cx, cy = (p.outer[0] + p.outer[2]) / 2.0, (p.outer[1] + p.outer[3]) / 2.0
                 stamp = warp_psf(PsfModel.from_fits(*exp.psf), src_wcs, dst_wcs, cx, cy)

@@ -141,6 +141,11 @@ class ObjectsStage(Stage):
             apc = (fit_apcorr_from_inputs(mb, _stars(mb), e.extra["CALSTARS"][0], shape)
                    if cfg.apcorr_from_inputs and auto and "CALSTARS" in e.extra else None)
             method = "inputs" if apc is not None else "apertures"
+            if apc is None and cfg.apcorr_from_inputs and auto and isinstance(psfs[b], CoaddPsf):
+                # too few of the inputs' stars: the correction the inputs' own corrections imply at each object
+                apc = _InputApcorr(psfs[b], mb)
+                method = "inputs_model" if apc.n_used else "apertures"
+                apc = apc if apc.n_used else None
             if apc is None:
                 apc = fit_apcorr_clean(image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
                                        fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
@@ -227,7 +232,33 @@ def _coadd_psf_model(coadd, cfg: ObjectsConfig, outer: tuple[int, int, int, int]
     inputs = unpack_psf_inputs(coadd.extra) if cfg.psf_from_inputs else []
     if not inputs:
         return star_fit
-    return CoaddPsf(inputs, None, outer, grid_spacing=cfg.psf_grid_pixels, fallback=star_fit)
+    # stamps as large as the star fit's (they follow the coadd's seeing, as single_frame's follow a calexp's),
+    # not the worst input's: the deblender and the fits cost as the stamp's area
+    return CoaddPsf(inputs, None, outer, stamp_size=star_fit.stamp_size, grid_spacing=cfg.psf_grid_pixels,
+                    fallback=star_fit)
+
+
+class _InputApcorr:
+    """The aperture correction a coadd's inputs imply (``CoaddPsf.input_aperture_correction``) with the
+    attributes the objects stage reports: ``n_used`` the measured rows where every covering input has its
+    correction (0: none usable; it needs no star), ``rms`` and ``error`` the correction's relative spread
+    over them (the model's own error is not known: on dp-mini it agrees with the correction from the
+    inputs' stars to 0.1 %, docs/algorithms-coadd.md)."""
+
+    total_factor = 1.0
+
+    def __init__(self, psf: CoaddPsf, cols: dict[str, np.ndarray]) -> None:
+        self.psf = psf
+        at = psf.input_aperture_correction(cols["x"], cols["y"])
+        at = at[np.isfinite(at)]
+        self.n_used = int(at.size)
+        self.value = float(np.median(at)) if at.size else float("nan")
+        self.rms = float(np.std(at) / self.value) if at.size else float("nan")
+        self.error = self.rms
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        v = self.psf.input_aperture_correction(x, y)
+        return np.where(np.isfinite(v), v, self.value)
 
 
 def _stars(cols: dict[str, np.ndarray]) -> np.ndarray:

@@ -271,6 +271,7 @@ def test_coadd_psf_from_stored_inputs_and_on_a_lattice_matches_the_exact_sum():
     inputs, stored = _stored_inputs(box)
     assert [(i.visit, i.detector, i.weight, i.shape) for i in stored] == \
         [(i.visit, i.detector, i.weight, i.shape) for i in inputs]
+    assert all(np.isnan(i.apcorr) for i in stored)  # none given: unknown, not 1
     exact = CoaddPsf(inputs, DST, box, stamp_size=25)
     from_store = CoaddPsf(stored, None, box, stamp_size=25)
     lattice = CoaddPsf(stored, None, box, stamp_size=25, grid_spacing=50)
@@ -301,6 +302,38 @@ def test_coadd_psf_from_stored_inputs_and_on_a_lattice_matches_the_exact_sum():
     la, lb = lattice.image_at(*ex), lattice.image_at(ex[0] + 1, ex[1])
     assert np.abs(a - b).max() > 0.03 * a.max()
     assert np.abs(la - a).max() < 1e-2 * a.max() and np.abs(lb - b).max() < 1e-2 * b.max()
+
+
+def test_coadd_aperture_correction_implied_by_the_inputs():
+    """Each epoch of a star is flux / apcorr_i in its PSF's shape; the coadd is their weighted mean, so its
+    PSF flux is flux x sum(w_i / apcorr_i) / sum(w_i) over the inputs covering the star: checked against
+    the PSF-fit flux of such a weighted mean of stars, and the edge of an input changes it."""
+    from dataclasses import replace
+
+    box = (900, 900, 1300, 1300)
+    _, stored = _stored_inputs(box)
+    apcorrs = [1.010, 1.030, 0.995, 1.050, 1.020]
+    stored = [replace(i, apcorr=a) for i, a in zip(stored, apcorrs)]
+    cpsf = CoaddPsf(stored, None, box, stamp_size=25)
+    got_any = set()
+    for x, y in [(200.0, 200.0), (60.0, 330.0), (330.0, 60.0), (380.0, 20.0)]:
+        idx = cpsf.contributing(x, y)
+        if not idx:
+            continue
+        got_any.add(tuple(idx))
+        w = np.array([stored[i].weight for i in idx])
+        # the coadd image of a star of total flux 1 at (x, y) and its PSF fit with the coadd PSF
+        epochs = [warp_stamp / stored[i].apcorr for i, warp_stamp in
+                  zip(idx, (CoaddPsf([stored[i]], None, box, stamp_size=25).image_at(x, y) for i in idx))]
+        image = np.tensordot(w, np.array(epochs), axes=1) / w.sum()
+        model = cpsf.image_at(x, y)
+        psf_flux = float((model * image).sum() / (model * model).sum())
+        expect = float(cpsf.input_aperture_correction(np.array([x]), np.array([y]))[0])
+        assert abs(psf_flux * expect - 1.0) < 2e-3, (idx, psf_flux * expect)  # total flux recovered
+    assert len(got_any) >= 2
+    assert np.isnan(cpsf.input_aperture_correction(np.array([-400.0]), np.array([-400.0]))[0])
+    unknown = CoaddPsf([replace(stored[0], apcorr=float("nan"))] + stored[1:], None, box, stamp_size=25)
+    assert np.isnan(unknown.input_aperture_correction(np.array([200.0]), np.array([200.0]))[0])
 
 
 def test_coadd_psf_outside_every_input_uses_the_fallback_or_says_so():
