@@ -606,10 +606,9 @@ def pack_psf_inputs(inputs: Sequence[CoaddPsfInput]) -> dict[str, tuple[np.ndarr
             "PSFCOEF": (np.concatenate(coefs), {}), "PSFMAP": (np.concatenate(maps), {})}
 
 
-def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]], weights: Sequence[float] | None = None
-                      ) -> list[CoaddPsfInput]:
-    """The inputs stored by :func:`pack_psf_inputs` in ``extra`` (an Exposure's extra HDUs); ``weights``
-    (one per row) replaces the stored ones.  Empty list when ``extra`` holds none."""
+def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]]) -> list[CoaddPsfInput]:
+    """The inputs stored by :func:`pack_psf_inputs` in ``extra`` (an Exposure's extra HDUs); empty list
+    when ``extra`` holds none."""
     from lsst_prod.algorithms.psf import PsfModel, _poly_terms
 
     if not all(h in extra for h in PSF_INPUT_HDUS):
@@ -617,10 +616,8 @@ def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]], weights: Sequenc
     table = np.asarray(extra["PSFINPUT"][0], np.float64).reshape(-1, len(PSF_INPUT_COLUMNS))
     coef, flat = np.asarray(extra["PSFCOEF"][0], np.float64).ravel(), np.asarray(extra["PSFMAP"][0], np.float64).ravel()
     col = {n: k for k, n in enumerate(PSF_INPUT_COLUMNS)}
-    if weights is not None and len(weights) != len(table):
-        raise ValueError(f"{len(weights)} weights for {len(table)} stored PSF inputs")
     out = []
-    for k, r in enumerate(table):
+    for r in table:
         order, s = int(r[col["psf_order"]]), int(r[col["psf_stamp"]])
         n_terms, o = len(_poly_terms(order)), int(r[col["coef_offset"]])
         shape = (int(r[col["ny"]]), int(r[col["nx"]]))
@@ -631,8 +628,8 @@ def unpack_psf_inputs(extra: dict[str, tuple[np.ndarray, Any]], weights: Sequenc
         sx = flat[m + nx + ny:m + nx + ny + nx * ny]
         sy = flat[m + nx + ny + nx * ny:m + nx + ny + 2 * nx * ny]
         box = tuple(int(r[col[c]]) for c in ("box_x0", "box_y0", "box_x1", "box_y1"))
-        out.append(CoaddPsfInput(psf, None, shape, float(r[col["weight"]]) if weights is None else float(weights[k]),
-                                 PixelMapping.from_nodes(box, xs, ys, sx, sy), int(r[col["visit"]]),
+        mapping = PixelMapping.from_nodes(box, xs, ys, sx, sy)
+        out.append(CoaddPsfInput(psf, None, shape, float(r[col["weight"]]), mapping, int(r[col["visit"]]),
                                  int(r[col["detector"]]), float(r[col["apcorr"]])))
     return out
 

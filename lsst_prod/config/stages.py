@@ -184,7 +184,9 @@ class ObjectsConfig(StageConfig):
     psf_grid_pixels: int = Field(
         100, ge=1, le=10_000, description="lattice spacing of that summed PSF, pixels: the inputs covering a "
                                          "position are found exactly there, their PSFs' smooth variation is "
-                                         "interpolated between lattice nodes (docs/algorithms-coadd.md)")
+                                         "interpolated between lattice nodes (docs/algorithms-coadd.md); "
+                                         "warps store each input's mapping 128 pixels beyond its data, so "
+                                         "nodes of a wider lattice are held at that distance")
 
     @field_validator("apcorr_reference_radius_pixels")
     @classmethod

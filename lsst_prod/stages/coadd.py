@@ -25,8 +25,7 @@ from ..algorithms import masks
 from ..algorithms.detect import detect_sources
 from ..algorithms.apcorr import CALSTARS_COLUMNS
 from ..algorithms.psf import PsfModel, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
-from ..algorithms.resample import warp_exposure, warp_psf
-from ..algorithms.resample import PixelMapping
+from ..algorithms.resample import PixelMapping, warp_exposure, warp_psf
 from ..algorithms.stack import (CoaddPsfInput, WarpInput, coadd_psf, pack_psf_inputs, psf_input_box,
                                 select_best_seeing, stack_warps, unpack_psf_inputs)
 from ..camera import Camera, nominal_wcs_header
