@@ -35,7 +35,7 @@ from ..repo import DataId
 from ..repo.formats import Exposure, read_columns, read_exposure, write_exposure
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .single_frame import apcorr_stars
-from .common import (box_wcs_header, calibrated_wcs, relcal_astrometric_corrections, relcal_zero_point,
+from .common import (box_wcs_header, calexp_apcorr, calibrated_wcs, relcal_astrometric_corrections, relcal_zero_point,
                      relcal_zero_points, wcs_from_header)
 
 COADD_TYPES = {"deep": "coadd", "best_seeing": "coadd_bestSeeing"}
@@ -97,11 +97,9 @@ def _calibration_stars(src: dict[str, np.ndarray], njy_per_e: float, src_wcs, ds
 def _mean_apcorr(exp: Exposure) -> float:
     """The calexp's single-frame aperture correction averaged over a 5 x 5 grid of the detector (NaN
     without one): the coadd's correction follows from its inputs' (``CoaddPsf.input_aperture_correction``)."""
-    from ..algorithms.apcorr import ApertureCorrection
-
-    if "APCORR" not in exp.extra:
+    apc = calexp_apcorr(exp)
+    if apc is None:
         return float("nan")
-    apc = ApertureCorrection.from_dict(json.loads(exp.extra["APCORR"][1]["APCDICT"]))
     ny, nx = exp.image.shape
     gx, gy = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
     return float(np.mean(apc(gx.ravel(), gy.ravel())))
@@ -190,6 +188,7 @@ class WarpStage(Stage):
             fwhms.append(float(exp.metadata["PSFFWHM"]) / float(exp.metadata.get("PIXSCALE", 0.2)))
             meta = {k: exp.metadata[k] for k in ("BAND", "FILTER", "MJD-MID", "EXPTIME", "AIRMASS") if k in exp.metadata}
             if exp.psf is not None:
+                psf = PsfModel.from_fits(*exp.psf)
                 # the detector's PSF and its mapping from the patch: the coadd stores them for its PSF
                 box = psf_input_box(src_wcs, exp.image.shape, dst_wcs, p.outer, PSF_MAP_MARGIN)
                 try:
@@ -198,11 +197,11 @@ class WarpStage(Stage):
                 except NoWorkFound:  # a sliver of the patch
                     mapping = None
                 if mapping is not None:
-                    psf_inputs.append(CoaddPsfInput(PsfModel.from_fits(*exp.psf), None, exp.image.shape, 1.0, mapping,
-                                                    int(ctx.data_id["visit"]), det, _mean_apcorr(exp)))
+                    psf_inputs.append(CoaddPsfInput(psf, None, exp.image.shape, 1.0, mapping, int(ctx.data_id["visit"]),
+                                                    det, _mean_apcorr(exp)))
                 # this visit's PSF as it appears at the patch centre (fallback coadd PSF, see CoaddStage)
                 cx, cy = (p.outer[0] + p.outer[2]) / 2.0, (p.outer[1] + p.outer[3]) / 2.0
-                stamp = warp_psf(PsfModel.from_fits(*exp.psf), src_wcs, dst_wcs, cx, cy)
+                stamp = warp_psf(psf, src_wcs, dst_wcs, cx, cy)
                 if psf_stamp is None or w.n_valid > best_valid:
                     psf_stamp, best_valid = stamp, w.n_valid
         if n_used == 0:

@@ -38,6 +38,14 @@ def fit_apcorr_from_inputs(cols: dict[str, np.ndarray], stars: np.ndarray, calst
                               err / val, 0.0, 0.0, 1.0)
 
 
+def calexp_apcorr(exp) -> ApertureCorrection | None:
+    """The single-frame aperture correction a calexp carries (its APCORR HDU), None without one."""
+    import json
+
+    return ApertureCorrection.from_dict(json.loads(exp.extra["APCORR"][1]["APCDICT"])) if "APCORR" in exp.extra \
+        else None
+
+
 def sky_annulus_for(ref_radius: float) -> tuple[float, float]:
     """Local-background annulus for an aperture-correction radius: the default (50, 70) pixels, moved out to
     (2, 2.8) x the radius when that is larger, so that the PSF wings within it stay negligible."""

@@ -16,8 +16,6 @@ fitted simultaneously for overlapping objects -> ForcedSource rows.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from astropy.wcs import WCS
 
@@ -37,11 +35,11 @@ from ..config.stages import ForcedConfig, ObjectsConfig
 from ..errors import NoWorkFound
 from ..ids import ObjectIdFactory
 from ..repo import DataId
-from ..repo.formats import read_columns, read_exposure, read_parquet, table_from_columns, write_parquet
+from ..repo.formats import read_columns, read_exposure, table_from_columns, write_parquet
 from .base import QuantumContext, QuantumSpec, Resources, Stage
 from .coadd import detector_patches
 from .single_frame import MAX_FOOTPRINT_PEAKS
-from .common import (calibrated_wcs, diffraction_pixels, fit_apcorr_clean, fit_apcorr_from_inputs, relcal_astrometric_corrections,
+from .common import (calexp_apcorr, calibrated_wcs, diffraction_pixels, fit_apcorr_clean, fit_apcorr_from_inputs, relcal_astrometric_corrections,
                      relcal_zero_point, relcal_zero_points, sky_annulus_for, wcs_from_header)
 
 PEAK_SMOOTHING = 0.5  # peak-finding image: Gaussian of 0.5 sigma_PSF (docs/algorithms-objects.md)
@@ -76,12 +74,13 @@ class ObjectsStage(Stage):
         bands = sorted(coadds)
         if not bands:
             raise NoWorkFound(f"no coadd for {ctx.data_id} (patch barely covered)")
-        skymap = SkyMap(SkyMapConfig.model_validate(ctx.extra["skymap"]))
+        skymap_config = SkyMapConfig.model_validate(ctx.extra["skymap"])
+        skymap = SkyMap(skymap_config)
         pinfo = skymap.patch_info(int(ctx.data_id["tract"]), int(ctx.data_id["patch"]))
         psfs = {b: _coadd_psf_model(coadds[b], cfg, pinfo.outer) for b in bands}
         ctx.summary.update({f"{b}_psf_method": "inputs" if isinstance(psfs[b], CoaddPsf) else "stars" for b in bands})
         shape = coadds[bands[0]].image.shape
-        pixel_scale = float(SkyMapConfig(**ctx.extra["skymap"]).pixel_scale_arcsec)
+        pixel_scale = float(skymap_config.pixel_scale_arcsec)
         per_band: dict[str, Footprints] = {}
         for b in bands:
             e = coadds[b]
@@ -138,15 +137,15 @@ class ObjectsStage(Stage):
             # coadd carries neighbours' and confusion light), the PSF's wing beyond added from theory
             # the inputs' calibration carried over (their stars' weighted mean calibrated flux / coadd PSF flux);
             # the coadd's own apertures and a theoretical wing beyond them when too few inputs' stars match
-            apc = (fit_apcorr_from_inputs(mb, _stars(mb), e.extra["CALSTARS"][0], shape)
-                   if cfg.apcorr_from_inputs and auto and "CALSTARS" in e.extra else None)
-            method = "inputs" if apc is not None else "apertures"
+            apc, method = None, "apertures"
+            if cfg.apcorr_from_inputs and auto and "CALSTARS" in e.extra:
+                apc, method = fit_apcorr_from_inputs(mb, _stars(mb), e.extra["CALSTARS"][0], shape), "inputs"
             if apc is None and cfg.apcorr_from_inputs and auto and isinstance(psfs[b], CoaddPsf):
                 # too few of the inputs' stars: the correction the inputs' own corrections imply at each object
-                apc = _InputApcorr(psfs[b], mb)
-                method = "inputs_model" if apc.n_used else "apertures"
-                apc = apc if apc.n_used else None
+                model = _InputApcorr(psfs[b], mb)
+                apc, method = (model, "inputs_model") if model.n_used else (None, "apertures")
             if apc is None:
+                method = "apertures"
                 apc = fit_apcorr_clean(image, e.variance, psfs[b], mb, _stars(mb), radius, robust_constant=True,
                                        fwhm=fwhm, total_flux=auto, measure_radius=apcorr_measure_radius(fwhm),
                                        diffraction=diffraction_pixels(cfg, b, pixel_scale) if auto else (0.0, 0.0),
@@ -248,16 +247,18 @@ class _InputApcorr:
     total_factor = 1.0
 
     def __init__(self, psf: CoaddPsf, cols: dict[str, np.ndarray]) -> None:
-        self.psf = psf
-        at = psf.input_aperture_correction(cols["x"], cols["y"])
-        at = at[np.isfinite(at)]
+        self.psf, self._xy = psf, (cols["x"], cols["y"])
+        self._rows = psf.input_aperture_correction(cols["x"], cols["y"])
+        at = self._rows[np.isfinite(self._rows)]
         self.n_used = int(at.size)
         self.value = float(np.median(at)) if at.size else float("nan")
         self.rms = float(np.std(at) / self.value) if at.size else float("nan")
         self.error = self.rms
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        v = self.psf.input_aperture_correction(x, y)
+        """At (x, y); the rows it was made from are not evaluated again."""
+        same = np.array_equal(x, self._xy[0], equal_nan=True) and np.array_equal(y, self._xy[1], equal_nan=True)
+        v = self._rows if same else self.psf.input_aperture_correction(x, y)
         return np.where(np.isfinite(v), v, self.value)
 
 
@@ -352,11 +353,9 @@ class ForcedStage(Stage):
         if not on.any():
             raise NoWorkFound(f"no object falls on visit {visit} detector {detector}")
         psf = PsfModel.from_fits(*exp.psf)
-        apdict = json.loads(exp.extra["APCORR"][1]["APCDICT"]) if "APCORR" in exp.extra else None
-        from ..algorithms.apcorr import ApertureCorrection
-
+        apc = calexp_apcorr(exp)
         res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on])
-        ac = ApertureCorrection.from_dict(apdict)(x[on], y[on]) if apdict else 1.0
+        ac = apc(x[on], y[on]) if apc is not None else 1.0
         star_id = np.full(len(moved), -1, np.int64)
         if moved.any():
             star_id[moved] = stars["starId"][star_of[moved]]
