@@ -52,6 +52,11 @@ class Camera:
     pixel_scale_arcsec: float
     detectors: tuple[Detector, ...] = field(default_factory=tuple)
     physical_filters: dict[str, str] = field(default_factory=dict)  # physical_filter -> band
+    #: the optical design's radial distortion about the boresight, focal-plane pixels: a star whose ideal
+    #: (undistorted) focal-plane position is r_i lands at r = r_i (1 + k r_i^2).  What the instrument team
+    #: knows from the optical design (obs_lsst's camera geometry holds the same); the as-built telescope
+    #: differs a little, which the single-frame fit measures.  0: unknown (the fit finds it alone)
+    distortion_k_per_pix2: float = 0.0
 
     def detector(self, detector_id: int) -> Detector:
         for d in self.detectors:
@@ -71,6 +76,7 @@ class Camera:
         return {
             "name": self.name,
             "pixel_scale_arcsec": self.pixel_scale_arcsec,
+            "distortion_k_per_pix2": self.distortion_k_per_pix2,
             "physical_filters": dict(self.physical_filters),
             "detectors": [asdict(d) for d in self.detectors],
         }
@@ -84,6 +90,7 @@ class Camera:
             name=data["name"],
             pixel_scale_arcsec=float(data["pixel_scale_arcsec"]),
             physical_filters=dict(data.get("physical_filters", {})),
+            distortion_k_per_pix2=float(data.get("distortion_k_per_pix2", 0.0)),
             detectors=tuple(Detector(**d) for d in data["detectors"]),
         )
 
@@ -144,6 +151,52 @@ def nominal_wcs_header(camera: Camera, det: Detector, ra_deg: float, dec_deg: fl
     }
 
 
+#: SIP order of the optical distortion added to a raw header's TAN WCS (radial terms r^2 and r^4 of the
+#: exact inverse: 3rd and 5th order; the 7th-order term is below 1e-4 pixel at 1.5e-9 px^-2 and r = 1,200 px)
+DISTORTION_SIP_ORDER = 5
+
+
+def _poly_design(u: np.ndarray, v: np.ndarray, order: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    terms = [(p, n - p) for n in range(2, order + 1) for p in range(n, -1, -1)]
+    return np.stack([u**p * v**q for p, q in terms], axis=1), terms
+
+
+def with_optical_distortion(header: dict[str, Any], k: float, shape: tuple[int, int]) -> dict[str, Any]:
+    """A raw header's TAN WCS (``header``'s cards; CRPIX = the boresight, as :func:`nominal_wcs_header`
+    writes it) with the camera's radial optical distortion ``k`` (:attr:`Camera.distortion_k_per_pix2`)
+    as TAN-SIP: the forward polynomial (A, B) maps a pixel to its ideal focal-plane position, the inverse
+    (AP, BP) back, each fitted to the exact radial law over the detector (``shape`` = (ny, nx)) and a
+    margin.  ``k == 0`` returns the cards unchanged.  The first guess of the single-frame astrometric
+    fit: with the distortion known, a few stars fix the pointing and rotation that remain."""
+    out = dict(header)
+    if k == 0.0:
+        return out
+    ny, nx = shape
+    cx, cy = float(header["CRPIX1"]) - 1.0, float(header["CRPIX2"]) - 1.0
+    gx, gy = np.meshgrid(np.linspace(-0.1 * nx, 1.1 * nx, 41), np.linspace(-0.1 * ny, 1.1 * ny, 41))
+    u, v = gx.ravel() - cx, gy.ravel() - cy
+    r = np.hypot(u, v)
+    ri = r.copy()  # ideal radius: Newton on ri + k ri^3 = r
+    for _ in range(20):
+        ri = ri - (ri + k * ri**3 - r) / (1.0 + 3.0 * k * ri**2)
+    f = np.divide(ri, r, out=np.ones_like(r), where=r > 0)
+    ui, vi = u * f, v * f
+    s = max(float(np.abs(u).max()), float(np.abs(v).max()), 1.0)  # conditioning
+    design, terms = _poly_design(u / s, v / s, DISTORTION_SIP_ORDER)
+    a, *_ = np.linalg.lstsq(design, ui - u, rcond=None)
+    b, *_ = np.linalg.lstsq(design, vi - v, rcond=None)
+    idesign, _ = _poly_design(ui / s, vi / s, DISTORTION_SIP_ORDER)
+    ap, *_ = np.linalg.lstsq(idesign, u - ui, rcond=None)
+    bp, *_ = np.linalg.lstsq(idesign, v - vi, rcond=None)
+    out["CTYPE1"], out["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+    out["A_ORDER"] = out["B_ORDER"] = out["AP_ORDER"] = out["BP_ORDER"] = DISTORTION_SIP_ORDER
+    for (p, q), ca, cb, cap, cbp in zip(terms, a, b, ap, bp):
+        norm = s ** (p + q)
+        out[f"A_{p}_{q}"], out[f"B_{p}_{q}"] = float(ca / norm), float(cb / norm)
+        out[f"AP_{p}_{q}"], out[f"BP_{p}_{q}"] = float(cap / norm), float(cbp / norm)
+    return out
+
+
 def make_camera(
     name: str = "SimCam",
     n_detectors: int = 2,
@@ -157,6 +210,7 @@ def make_camera(
     read_noises: tuple[float, ...] | None = None,
     saturation_adu: float = 60000.0,
     bias_level_adu: float = 1000.0,
+    distortion_k_per_pix2: float = 0.0,
 ) -> Camera:
     """A simple camera: detectors in a near-square grid centred on the boresight."""
     ncol = int(np.ceil(np.sqrt(n_detectors)))
@@ -188,4 +242,5 @@ def make_camera(
         pixel_scale_arcsec=pixel_scale_arcsec,
         detectors=tuple(dets),
         physical_filters={f"{b}_sim": b for b in bands},
+        distortion_k_per_pix2=float(distortion_k_per_pix2),
     )

@@ -291,6 +291,27 @@ def test_zero_point_bound_follows_the_reference_catalogue(loaded):
     assert abs(float(ck3["photometry_zp_error_mmag"]["bound"].split()[-1]) - np.hypot(10, 50)) < 0.01
 
 
+def test_provisional_zero_points_are_counted_apart_and_cannot_hide_everything(loaded):
+    """A zero point flagged provisional (the median of too few stars: relcal calibrates that detector) is
+    scored apart: 0.2 mag off on one ccdvisit does not fail the single-frame bound, and is reported; a
+    pipeline that flagged every ccdvisit provisional has no single-frame zero point to pass with."""
+    from dataclasses import replace
+
+    ccds = loaded[0]
+    m, ck = score_single_frame(ccds)
+    assert m["photometry_zp_n_provisional"] == 0 and _status(ck, "photometry_zp_error_mmag") == "pass"
+    bad = [replace(ccds[0], zp_fit=ccds[0].zp_fit + 0.2)] + list(ccds[1:])
+    _, ck_bad = score_single_frame(bad)
+    assert _status(ck_bad, "photometry_zp_error_mmag") == "fail"
+    flagged = [replace(bad[0], zp_provisional=True)] + bad[1:]
+    m2, ck2 = score_single_frame(flagged)
+    assert _status(ck2, "photometry_zp_error_mmag") == "pass" and m2["photometry_zp_n_provisional"] == 1
+    assert abs(m2["photometry_zp_provisional_error_mmag"] - 1000 * (bad[0].zp_fit - bad[0].zp_true)) < 1e-6
+    assert "1 provisional" in ck2["photometry_zp_error_mmag"]["note"]
+    _, ck3 = score_single_frame([replace(c, zp_provisional=True) for c in ccds])
+    assert _status(ck3, "photometry_zp_error_mmag") != "pass"
+
+
 def test_sparse_sky_reserved_astrometry_is_insufficient_dense_sky_missing(loaded):
     """No reserved star scored: insufficient where no detector holds 25 reference stars (from the
     truth), a failure where the sky had enough to spare."""

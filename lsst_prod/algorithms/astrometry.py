@@ -276,28 +276,34 @@ def _choose_model(u_, v_, U, V, R, xi, eta, max_order: int) -> tuple[int, bool]:
 
 def _model_to_poly(model, coef, initial_wcs: WCS, plane, radial_basis, centre, scale, shape):
     """Coefficients (cx, cy) in (u, v) of the polynomial that equals the model in ``plane``: the
-    model itself for a plain polynomial, else a fit on a grid over the detector (exact: the header WCS
-    is TAN, so U, V are linear in pixels to < 1e-6 arcsec here, and the radial term is a cubic in U, V)."""
+    model itself for a plain polynomial, else a fit on a grid over the detector (exact: U, V are the
+    header WCS's, linear in pixels for TAN or a polynomial of the SIP's order with the camera's optical
+    distortion, and the radial term is a cubic in U, V)."""
     order, radial = model
     if order >= 1 and not radial:
         n = len(coef) // 2
         return coef[:n], coef[n:]
     ny, nx = shape
-    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 7), np.linspace(0, ny - 1, 7))
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 13), np.linspace(0, ny - 1, 13))
     gx, gy = gx.ravel(), gy.ravel()
     U, V = _project(*initial_wcs.all_pix2world(gx, gy, 0), *plane)
     gu, gv = (gx - centre[0]) / scale, (gy - centre[1]) / scale
     pxi, peta = _predict(model, coef, gu, gv, U, V, radial_basis(U, V, plane))
-    design = _poly_design(gu, gv, _poly_terms(_poly_order_of(model)))
+    design = _poly_design(gu, gv, _poly_terms(_poly_order_of(model, initial_wcs)))
     cx, *_ = np.linalg.lstsq(design, pxi, rcond=None)
     cy, *_ = np.linalg.lstsq(design, peta, rcond=None)
     return cx, cy
 
 
-def _poly_order_of(model) -> int:
-    """Order of the pixel polynomial that writes ``model`` exactly (the header's SIP order)."""
+def _poly_order_of(model, initial_wcs: WCS) -> int:
+    """Order of the pixel polynomial that writes ``model`` exactly (the header's SIP order): a model
+    relative to the header WCS (a similarity of it, or with the radial term) keeps that WCS's own SIP
+    (the camera's optical distortion, :func:`~lsst_prod.camera.with_optical_distortion`)."""
     order, radial = model
-    return max(order, 3 if radial else 1)
+    if order >= 1 and not radial:
+        return order
+    sip = initial_wcs.sip
+    return max(order, 3 if radial else 1, int(sip.a_order) if sip is not None else 0)
 
 
 def reserve_mask(ref_id: np.ndarray, fraction: float, salt: int = 0x5EED_A57E) -> np.ndarray:
@@ -603,7 +609,7 @@ def fit_wcs(
         raise AlgorithmError("too few astrometric matches after clipping", n_matched=int(len(ms)))
 
     # --- 3. re-centre the tangent point on the detector centre; build TAN-SIP ------
-    poly_order = _poly_order_of(model)
+    poly_order = _poly_order_of(model, initial_wcs)
     terms = _poly_terms(poly_order)
     crval = (ra0, dec0)
     mra, mdec = ref_ra[ref_idx[mr]], ref_dec[ref_idx[mr]]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 
 from ..errors import AlgorithmError
@@ -68,6 +70,8 @@ class PhotometricCalibration:
     colour_term_err: float = float("nan")
     colour_pivot: float = float("nan")
     colour_term_fitted: bool = False
+    #: True for :func:`provisional_zero_point`'s median of too few stars for a fit
+    provisional: bool = False
 
     def to_dict(self) -> dict[str, float | int]:
         """Scalars for provenance/metadata (the ``used`` mask is not included)."""
@@ -208,4 +212,51 @@ def fit_zero_point(
         colour_term_err=float(np.sqrt(var_k)) if fitted else float("nan"),
         colour_pivot=float(colour_pivot) if with_colour else float("nan"),
         colour_term_fitted=bool(fitted),
+    )
+
+
+def provisional_zero_point(
+    inst_flux: np.ndarray,
+    inst_flux_err: np.ndarray,
+    ref_flux_njy: np.ndarray,
+    ref_flux_err_njy: np.ndarray,
+    *,
+    colour: np.ndarray | None = None,
+    colour_pivot: float = 1.0,
+    colour_term_prior: float = 0.0,
+) -> PhotometricCalibration:
+    """The zero point of a detector with fewer stars than :func:`fit_zero_point` needs (a sparse sky):
+    the median of ``m_ref - m_inst`` (the colour term held at ``colour_term_prior``) over the usable
+    stars, flagged ``provisional``.  No clipping is possible with so few: one bad star of four moves it
+    by up to 0.2 mag on a sparse test sky, so it is a start for the global relative calibration (which
+    solves every ccdvisit's zero point from its stars matched across visits), not a calibration.  Its
+    error is the median's (1.25 x the scatter / sqrt(n), at least the stars' own errors).  AlgorithmError
+    when no star is usable."""
+    fi, ei = np.asarray(inst_flux, float), np.asarray(inst_flux_err, float)
+    fr, er = np.asarray(ref_flux_njy, float), np.asarray(ref_flux_err_njy, float)
+    ok = np.isfinite(fi) & np.isfinite(ei) & np.isfinite(fr) & np.isfinite(er) & (fi > 0) & (fr > 0) & (ei > 0)
+    col = None if colour is None else np.asarray(colour, float)
+    if col is not None:
+        ok &= np.isfinite(col)
+    if not ok.any():
+        raise AlgorithmError("no star for a photometric zero point", n_stars=0)
+    d = (AB_NJY_ZERO_POINT - 2.5 * np.log10(fr[ok])) + 2.5 * np.log10(fi[ok])
+    if col is not None:
+        d = d - float(colour_term_prior) * (col[ok] - colour_pivot)
+    sig = _MAG_PER_FRAC * np.hypot(ei[ok] / fi[ok], er[ok] / fr[ok])
+    zp = float(np.median(d))
+    n = int(ok.sum())
+    spread = float(np.std(d, ddof=1)) if n > 1 else 0.0
+    err = max(1.2533 * spread / math.sqrt(n), float(np.sqrt(1.0 / np.sum(1.0 / sig**2))))
+    return PhotometricCalibration(
+        zero_point=zp,
+        zero_point_err=err,
+        nJy_per_electron=zero_point_to_njy_per_electron(zp),
+        n_used=n,
+        rms_mmag=float(1e3 * np.sqrt(np.mean((d - zp) ** 2))),
+        intrinsic_scatter_mmag=float("nan"),
+        used=ok.copy(),
+        colour_term=float(colour_term_prior) if col is not None else 0.0,
+        colour_pivot=float(colour_pivot) if col is not None else float("nan"),
+        provisional=True,
     )

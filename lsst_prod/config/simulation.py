@@ -81,6 +81,10 @@ class SimulationConfig(BaseModel):
         1.5e-9, ge=-1e-7, le=1e-7,
         description="radial cubic optical distortion r_true = r (1 + k r^2), r in focal-plane pixels, "
                     "k in pixel^-2 (1.5e-9 moves the default camera's corner, r = 1162 px, by 2.4 px)")
+    camera_distortion_model_error: float = Field(
+        0.05, ge=-0.5, le=0.5,
+        description="fractional error of the camera model's optical distortion (what the pipeline is given as "
+                    "the optical design's k) against the true k: the as-built telescope differs from its design")
 
     # ------------------------------------------------------------------- bands
     bands: tuple[str, ...] = Field(("g", "r"), min_length=1, description="bands observed (physical filter '<band>_sim')")

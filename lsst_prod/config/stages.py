@@ -58,11 +58,14 @@ class SingleFrameConfig(StageConfig):
     astrometry_sip_order: int = Field(3, ge=0, le=5, description="SIP distortion order of the fitted WCS")
     astrometry_search_radius_arcsec: float = Field(80.0, gt=0, description="max pointing error searched, arcsec")
     astrometry_max_rotation_deg: float = Field(1.5, ge=0, le=10, description="max rotator error searched, deg")
-    astrometry_min_matches: int = Field(5, ge=4, description="fewer verified matches: AlgorithmError")
+    astrometry_min_matches: int = Field(4, ge=4, description="fewer verified matches: AlgorithmError (a match is "
+                                        "accepted on its false-alarm probability, < 1e-6; 4 matches leave 4 degrees of "
+                                        "freedom to a similarity of the distortion-aware header WCS)")
     astrometry_reserve_fraction: float = Field(
         0.2, ge=0, lt=1, description="reference stars held out of the WCS fit (by refcat id, the same in every "
                                      "visit) for validation; none when the detector has too few")  # fmt: skip
-    photocal_min_stars: int = Field(5, ge=1)
+    photocal_min_stars: int = Field(5, ge=1, description="fewer stars (after clipping): the zero point is their "
+                                    "median, flagged provisional (ccdVisit zeroPointProvisional); relcal solves it")
     photocal_colour_term: bool = Field(True, description="fit zp + k (BP-RP - pivot) against the refcat's bp_rp")
     photocal_colour_pivot: float = Field(1.0, description="reference colour (Gaia BP-RP) at which the zero point applies, mag")
     photocal_colour_term_prior: float = Field(0.0, description="prior mean of the colour term k, mag/mag")

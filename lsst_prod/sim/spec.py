@@ -88,6 +88,7 @@ def make_sim_camera(config: SimulationConfig) -> Camera:
         read_noises=tuple(config.read_noise_e) if config.read_noise_e else None,
         saturation_adu=config.saturation_adu,
         bias_level_adu=config.bias_level_adu,
+        distortion_k_per_pix2=config.distortion_k_per_pix2 * (1.0 + config.camera_distortion_model_error),
     )
 
 

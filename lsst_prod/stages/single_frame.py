@@ -33,9 +33,9 @@ from ..algorithms.detect import detect_sources
 from ..algorithms.isr import run_isr
 from ..algorithms.measure import measure_sources
 from ..algorithms.neighbours import subtract_other_sources
-from ..algorithms.photocal import fit_zero_point
+from ..algorithms.photocal import fit_zero_point, provisional_zero_point
 from ..algorithms.psf import apcorr_radius, candidates_fwhm, fit_psf, psf_stamp_size, select_psf_candidates
-from ..camera import Camera
+from ..camera import Camera, with_optical_distortion
 from ..config.stages import SingleFrameConfig
 from ..errors import AlgorithmError
 from ..ids import SourceIdFactory, ccd_visit_id
@@ -210,7 +210,9 @@ class SingleFrameStage(Stage):
         ac = apcorr(cols["x"], cols["y"])
 
         # 6. astrometry
-        wcs0 = wcs_from_header(hdr)
+        # the commanded pointing's TAN WCS with the camera's optical distortion: what remains for the fit is the
+        # pointing and rotation errors (and the as-built telescope's small departure from its design)
+        wcs0 = wcs_from_header(with_optical_distortion(hdr, camera.distortion_k_per_pix2, image.shape))
         mjd_mid = float(hdr["MJD-OBS"]) + float(hdr["EXPTIME"]) / 2.0 / 86400.0
         refcat = read_columns(ctx.input_path("refcat"))
         # margin: the pointing error plus how far a rotator error about the boresight (CRPIX) moves the corners
@@ -271,18 +273,22 @@ class SingleFrameStage(Stage):
         inst_err = cols["psfFluxErr"][src_pc] * ac[src_pc]
         var_flag = np.asarray(ref.get("phot_variable_flag", np.zeros(len(ref["ra"]), bool)), bool)
         pc_ok = (~var_flag[ref_pc]) & np.isfinite(inst) & (inst > 0)
-        if pc_ok.sum() < cfg.photocal_min_stars:
-            raise AlgorithmError(f"only {int(pc_ok.sum())} stars for photometric calibration",
-                                 n_photocal=int(pc_ok.sum()))
+        phot_args = (inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_pc][pc_ok], ref[f"{band}_fluxErr"][ref_pc][pc_ok])
         colour_kw = {}
         if cfg.photocal_colour_term and "bp_rp" in ref:
             colour_kw = dict(colour=np.asarray(ref["bp_rp"], float)[ref_pc][pc_ok],
-                             colour_pivot=cfg.photocal_colour_pivot, colour_term_prior=cfg.photocal_colour_term_prior,
-                             colour_term_prior_sigma=cfg.photocal_colour_term_prior_sigma,
-                             colour_min_stars=cfg.photocal_colour_term_min_stars)
-        phot = fit_zero_point(inst[pc_ok], inst_err[pc_ok], ref[f"{band}_flux"][ref_pc][pc_ok],
-                              ref[f"{band}_fluxErr"][ref_pc][pc_ok], min_stars=cfg.photocal_min_stars,
-                              **colour_kw)
+                             colour_pivot=cfg.photocal_colour_pivot, colour_term_prior=cfg.photocal_colour_term_prior)
+        try:
+            phot = fit_zero_point(*phot_args, min_stars=cfg.photocal_min_stars, **colour_kw,
+                                  colour_term_prior_sigma=cfg.photocal_colour_term_prior_sigma,
+                                  colour_min_stars=cfg.photocal_colour_term_min_stars)
+        except AlgorithmError as exc:
+            # a sparse sky: too few stars to fit (or to clip) a zero point.  The detector is still calibrated
+            # astrometrically and measured; its zero point is the stars' median, flagged provisional, and relcal
+            # solves it from its stars matched across visits (AlgorithmError only without any usable star)
+            phot = provisional_zero_point(*phot_args, **colour_kw)
+            log.warning("[%s] %s (%d matched): provisional zero point %.3f from the median of %d stars", did, exc,
+                        int(pc_ok.sum()), phot.zero_point, phot.n_used)
         calib = float(phot.nJy_per_electron)
         photometry_used = np.zeros(n, bool)
         photometry_used[src_pc[pc_ok][np.asarray(phot.used, bool)]] = True
@@ -313,7 +319,7 @@ class SingleFrameStage(Stage):
             "INSTRUME": hdr.get("INSTRUME"), "VISIT": visit, "DETECTOR": detector, "BAND": band,
             "FILTER": hdr["FILTER"], "EXPTIME": float(hdr["EXPTIME"]), "MJD-OBS": float(hdr["MJD-OBS"]),
             "MJD-MID": mjd_mid, "DATE-OBS": hdr.get("DATE-OBS"), "AIRMASS": hdr.get("AIRMASS"),
-            "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "MAGCTERM": float(phot.colour_term), "BUNIT": "electron",
+            "PHOTCAL": calib, "MAGZERO": phot.zero_point, "MAGZERR": phot.zero_point_err, "MAGZPROV": bool(phot.provisional), "MAGCTERM": float(phot.colour_term), "BUNIT": "electron",
             "PSFFWHM": fwhm_pix * pixel_scale, "PIXSCALE": pixel_scale, "PSFSIGMA": psf_sigma, "NPSFSTAR": int(psf.n_stars),
             "PSFFALLB": bool(psf.is_fallback),
             "ASTRRMS": astrom.rms_arcsec, "ASTRNMAT": int(astrom.n_matched), "SKYBG": float(background.global_level),
@@ -349,7 +355,8 @@ class SingleFrameStage(Stage):
             "llcra": [float(c_ra[0])], "llcdec": [float(c_dec[0])], "ulcra": [float(c_ra[1])], "ulcdec": [float(c_dec[1])],
             "urcra": [float(c_ra[2])], "urcdec": [float(c_dec[2])], "lrcra": [float(c_ra[3])], "lrcdec": [float(c_dec[3])],
             "magLim": [float(mag_lim)], "nSources": [n], "photoCalibRmsMmag": [float(phot.rms_mmag)],
-            "nPhotoCalibStars": [int(phot.n_used)], "nCosmicRayPixels": [n_cr],
+            "nPhotoCalibStars": [int(phot.n_used)], "zeroPointProvisional": [bool(phot.provisional)],
+            "nCosmicRayPixels": [n_cr],
         }
         ccd_units = {"ra": "deg", "dec": "deg", "pixelScale": "arcsec/pixel", "zenithDistance": "deg", "expTime": "s",
                      "darkTime": "s", "zeroPoint": "mag", "psfSigma": "pixel", "seeing": "arcsec", "skyBg": "electron",
@@ -360,7 +367,7 @@ class SingleFrameStage(Stage):
 
         ctx.summary.update(
             n_sources=n, n_psf_stars=int(psf.n_stars), psf_fallback=psf.fallback, psf_fwhm_arcsec=fwhm_pix * pixel_scale,
-            zero_point=float(phot.zero_point), n_astrom_matches=int(astrom.n_matched),
+            zero_point=float(phot.zero_point), zero_point_provisional=bool(phot.provisional), n_astrom_matches=int(astrom.n_matched),
             n_astrom_reserved=int(astrometry_reserved.sum()), astrom_reserve_note=reserve_note,
             astrom_match_method=astrom.match_method, astrom_log10_false_alarm=float(astrom.log10_false_alarm),
             astrom_rms_mas=float(astrom.rms_arcsec) * 1000.0, photocal_rms_mmag=float(phot.rms_mmag),

@@ -22,6 +22,10 @@ bounds and the reasoning behind each bound are in docs/validation.md; in short:
 * ``astrometry_nonref_rms_mas`` (<= 20 mas): the same for stars that are not in the reference
   catalogue (the WCS must hold for every source, not just for its anchors).
 * ``photometry_zp_error_mmag`` (<= 10 mmag): rms over ccdvisits of fitted minus true zero point.
+  Zero points flagged provisional (a detector with fewer stars than a fit needs: their median, which
+  relcal then solves) are counted in ``photometry_zp_n_provisional`` and scored apart
+  (``photometry_zp_provisional_error_mmag``, information): their calibration is relcal's, and
+  ``relcal_zp_rms_mmag`` scores it.
 * ``completeness_snr10_isolated_stars`` (>= 0.98): fraction of clean stars with expected S/N > 10
   that have a Source.  At a 5 sigma detection threshold a S/N-10 star is missed by noise with
   probability ~3e-7; the 2 % allows for cosmic rays and defects on the stars' cores.
@@ -108,6 +112,8 @@ class CcdInputs:
     #: per truth row: reference-catalogue magnitude minus true mean magnitude in the ccdvisit's band
     #: (NaN for stars not in the refcat); None when unknown (then no reference-limited floor)
     ref_dmag: np.ndarray | None = None
+    #: the single-frame zero point is a provisional median of too few stars (ccdVisit zeroPointProvisional)
+    zp_provisional: bool = False
 
     def with_src(self, **cols: np.ndarray) -> "CcdInputs":
         return replace(self, src={**self.src, **cols})
@@ -176,7 +182,9 @@ def load_single_frame(repo: Repository, run: str) -> list[CcdInputs]:
                              float(ct["sky_e_per_pix"][i]),
                              float(ct["read_noise"][i]) if "read_noise" in ct else 5.0,
                              float(ct["psf_fwhm_pix"][i]), (int(shape[0]), int(shape[1])), bad,
-                             ref_dmag=None if dmag is None else np.where(rows >= 0, dmag[rows], np.nan)))
+                             ref_dmag=None if dmag is None else np.where(rows >= 0, dmag[rows], np.nan),
+                             zp_provisional=bool(ccd["zeroPointProvisional"][0]) if "zeroPointProvisional" in ccd
+                             else False))
     return out
 
 
@@ -302,7 +310,7 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
     if not ccds:
         return {}, {}
     sep_all, sep_res, sep_used, sep_nonref = [], [], [], []
-    pulls, pull_snr, zp_diff, per_ccd, ref_floor = [], [], [], [], []
+    pulls, pull_snr, zp_diff, per_ccd, ref_floor, zp_prov = [], [], [], [], [], []
     n_complete = n_eligible = n_matched = max_refs_on_ccd = 0
     have_reserved = all("calib_astrometry_reserved" in c.src for c in ccds)
     for c in ccds:
@@ -311,8 +319,11 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
         j, snr, clean = mt["j"], mt["snr"], mt["clean"]
         matched = j >= 0
         n_matched += int(matched.sum())
-        zp_diff.append(c.zp_fit - c.zp_true)
-        ref_floor.append(_reference_floor(c, mt))
+        if c.zp_provisional:
+            zp_prov.append(c.zp_fit - c.zp_true)
+        else:
+            zp_diff.append(c.zp_fit - c.zp_true)
+            ref_floor.append(_reference_floor(c, mt))
         ny, nx = c.shape
         on_ccd = (t["x"] >= 0) & (t["x"] <= nx - 1) & (t["y"] >= 0) & (t["y"] <= ny - 1)
         max_refs_on_ccd = max(max_refs_on_ccd, int(np.sum(np.asarray(t["is_ref"], bool) & on_ccd)))
@@ -332,11 +343,17 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
         expected = t["flux_nJy"][sel] * 10 ** (0.4 * (c.zp_true - c.zp_fit))
         pulls.append((s["psfFlux"][j[sel]] - expected) / s["psfFluxErr"][j[sel]])
         pull_snr.append(snr[sel])
-        per_ccd.append({"visit": c.visit, "detector": c.detector, "zp_error_mmag": 1000 * zp_diff[-1],
+        per_ccd.append({"visit": c.visit, "detector": c.detector, "zp_error_mmag": 1000 * (c.zp_fit - c.zp_true),
+                        "zp_provisional": c.zp_provisional,
                         "n_sources": int(len(s["x"])), "n_eligible_stars": int(elig.sum()),
                         "n_found": int((elig & matched).sum())})
-    zp = np.asarray(zp_diff)
-    m: dict[str, Any] = {"n_ccdvisits": len(ccds), "n_matched": n_matched, "per_ccdvisit": per_ccd}
+    zp = np.asarray(zp_diff) if zp_diff else np.full(1, np.nan)
+    # provisional zero points (too few stars to fit one: relcal solves them, relcal_zp_rms_mmag scores that)
+    # are counted, and their error reported, outside the single-frame zero-point bound
+    m_prov = {"photometry_zp_n_provisional": len(zp_prov)}
+    if zp_prov:
+        m_prov["photometry_zp_provisional_error_mmag"] = float(1000 * np.sqrt(np.mean(np.square(zp_prov))))
+    m: dict[str, Any] = {"n_ccdvisits": len(ccds), "n_matched": n_matched, "per_ccdvisit": per_ccd, **m_prov}
     m["astrometry_rms_mas"], m["astrometry_n_stars"] = _rms(sep_all)
     m["astrometry_nonref_rms_mas"], m["astrometry_nonref_n_stars"] = _rms(sep_nonref)
     if have_reserved:
@@ -372,8 +389,10 @@ def score_single_frame(ccds: list[CcdInputs]) -> tuple[dict[str, Any], dict[str,
                 # the pipeline's own 10 mmag, in quadrature with what the reference catalogue's errors on the
                 # stars of each detector make unavoidable (from the truth: 0 for a perfect refcat)
                 b = math.hypot(b, m["photometry_zp_refcat_floor_mmag"])
-                note = (f"{len(ccds)} ccdvisits; bound sqrt({ZP_MAX_MMAG:g}^2 + refcat floor "
-                        f"{m['photometry_zp_refcat_floor_mmag']:.1f}^2)")
+                note = (f"{len(zp_diff)} ccdvisits; bound sqrt({ZP_MAX_MMAG:g}^2 + refcat floor "
+                        f"{m['photometry_zp_refcat_floor_mmag']:.1f}^2)"
+                        + (f"; {len(zp_prov)} provisional zero points (too few stars) left to relcal"
+                           if zp_prov else ""))
             ck[name] = C.check(m[name], op, b, note=note)
     if have_reserved and m.get("astrometry_reserved_n_stars", 0) == 0 and max_refs_on_ccd < RESERVE_MIN_REFS:
         # no detector of the sky holds enough reference stars to spare some for scoring (counted from the

@@ -9,6 +9,7 @@ from lsst_prod.algorithms.photocal import (
     AB_NJY_ZERO_POINT,
     fit_zero_point,
     intrinsic_scatter,
+    provisional_zero_point,
     zero_point_to_njy_per_electron,
 )
 from lsst_prod.errors import AlgorithmError
@@ -150,3 +151,32 @@ def test_colour_term_prior_and_few_stars():
     c_nan[:10] = np.nan
     cal = fit_zero_point(inst, inst_err, ref, ref_err, colour=c_nan)
     assert not cal.used[:10].any() and cal.n_used <= 90
+
+
+def test_provisional_zero_point_of_too_few_stars():
+    """3-4 stars (a sparse detector): fit_zero_point refuses them; the provisional median is the zero
+    point to the stars' scatter / sqrt(n), flagged, with the colour term held at its prior."""
+    rng = np.random.default_rng(5)
+    inst, inst_err, ref, ref_err, _ = _catalogue(rng, n=4, frac_err=0.02, outlier_frac=0.0)
+    with pytest.raises(AlgorithmError):
+        fit_zero_point(inst, inst_err, ref, ref_err, min_stars=5)
+    cal = provisional_zero_point(inst, inst_err, ref, ref_err)
+    assert cal.provisional and cal.n_used == 4 and cal.used.all()
+    assert abs(cal.zero_point - TRUE_ZP) < 3 * cal.zero_point_err and cal.zero_point_err < 0.03
+    assert not fit_zero_point(*_catalogue(rng, n=50)[:4]).provisional
+    # one star far off (a variable the refcat did not flag) moves the median by less than the mean
+    inst[0] *= 10 ** (-0.4 * 0.5)
+    cal = provisional_zero_point(inst, inst_err, ref, ref_err)
+    mean = float(np.mean(AB_NJY_ZERO_POINT - 2.5 * np.log10(ref) + 2.5 * np.log10(inst)))
+    assert abs(cal.zero_point - TRUE_ZP) < abs(mean - TRUE_ZP)
+    # the colour term, held at its prior: zp at the pivot colour
+    colour = np.array([0.5, 1.0, 1.5, 2.0])
+    k = 0.1
+    inst2 = inst_err * 0 + 10 ** (-0.4 * (AB_NJY_ZERO_POINT - 2.5 * np.log10(ref) - TRUE_ZP - k * (colour - 1.0)))
+    cal = provisional_zero_point(inst2, inst_err, ref, ref_err, colour=colour, colour_pivot=1.0, colour_term_prior=k)
+    assert abs(cal.zero_point - TRUE_ZP) < 1e-9 and cal.colour_term == k
+    # bad values are left out; no usable star at all is an error
+    inst2[1] = np.nan
+    assert provisional_zero_point(inst2, inst_err, ref, ref_err, colour=colour, colour_term_prior=k).n_used == 3
+    with pytest.raises(AlgorithmError):
+        provisional_zero_point(np.full(3, np.nan), inst_err[:3], ref[:3], ref_err[:3])
