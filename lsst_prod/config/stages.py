@@ -114,8 +114,13 @@ class RelcalConfig(StageConfig):
     min_stars_per_ccdvisit_astrometry: int | None = Field(
         None, ge=1, le=100000, description="a ccdvisit with fewer stars matched in other visits is set aside "
                                            "(recorded, left out of warps); default 6 (an order-1 correction). "
-                                           "With fewer than twice the polynomial's terms, its correction is held "
-                                           "at order 1")
+                                           "With fewer than astrometry_min_stars_per_term per term of the "
+                                           "polynomial, its correction is held at order 1")
+    astrometry_min_stars_per_term: float = Field(
+        5.0, ge=2, le=1000, description="a ccdvisit with fewer stars than this many per polynomial term (50 at order "
+                                        "3) has its terms above order 1 held at 0 (its single-frame distortion is "
+                                        "kept): a correction fitted to N stars with p terms carries sqrt(p / N) of "
+                                        "their position error, here at most 0.45 of it")
     max_excluded_fraction: float = Field(0.5, ge=0, le=1, description="more ccdvisits than this fraction too thin to "
                                                                       "calibrate: the quantum fails instead")
     max_exclusion_rounds: int = Field(5, ge=1, le=100, description="solve again at most this many times after "

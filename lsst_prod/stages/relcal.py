@@ -21,6 +21,7 @@ runs with a serial communicator.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -295,8 +296,10 @@ class RelcalStage(Stage):
         apart = make_astrometric_part(cv, stars, pairs, S["k"][R], sidx, S["x"][R], S["y"][R], S["ra"][R],
                                       S["dec"][R], S["raErr"][R], S["decErr"][R], order=cfg.astrometry_order,
                                       error_floor_mas=cfg.astrometry_error_floor_mas)
+        n_terms = (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2
         asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce,
-                              min_stars_linear=min_astrom)
+                              min_stars_linear=min_astrom,
+                              min_stars_per_ccdvisit=max(min_astrom, math.ceil(cfg.astrometry_min_stars_per_term * n_terms)))
         return {"cv_ids": cv_ids, "zp_sf": zp_sf, "zp": zp, "zp_err": zp_err, "bands": bands, "keys": keys,
                 "mine": mine, "n_stars_phot": n_stars_phot, "phot_summary": phot_summary, "asol": asol,
                 "match": match, "ref": ref}
