@@ -18,9 +18,8 @@ magnitudes are in the instrument's natural system, equal to the reference system
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 

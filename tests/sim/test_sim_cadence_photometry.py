@@ -149,3 +149,13 @@ def test_field_below_the_horizon_is_a_config_error_naming_the_keys(tmp_path, cap
     assert main(["simulate", str(path), "--repo", str(tmp_path / "repo")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "north.yaml" in err and "field_dec_deg" in err and "site_latitude_deg" in err and "Traceback" not in err
+
+
+def test_camera_carries_the_optical_designs_distortion_not_the_true_one(default_visits):
+    """The pipeline's camera holds the design k (camera_distortion_model_error off the truth, 5 % by
+    default); the truth tables hold the true k the pixels were rendered with."""
+    config, camera, visits = default_visits
+    assert camera.distortion_k_per_pix2 == pytest.approx(config.distortion_k_per_pix2 * 1.05, rel=1e-12)
+    assert all(v.distortion_k == config.distortion_k_per_pix2 for v in visits)
+    exact = make_sim_camera(config.model_copy(update={"camera_distortion_model_error": 0.0}))
+    assert exact.distortion_k_per_pix2 == config.distortion_k_per_pix2
