@@ -78,6 +78,7 @@ def forced_psf_photometry(
     simultaneous: bool = True,
     max_masked_fraction: float = 0.2,
     max_dense_group: int = 300,
+    wings: tuple[float, float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """PSF fluxes (image units) of objects at fixed pixel positions (x, y).
 
@@ -85,7 +86,10 @@ def forced_psf_photometry(
     ``variance`` its variance, ``mask`` the :mod:`masks` planes (or None), ``psf``
     follows the PSF protocol (``image_at``).  ``background_variance`` (scalar or
     image) sets the weights; ``stamp_size`` the PSF stamp (default: the PSF's own);
-    ``simultaneous=False`` fits every object alone (for comparison).  Returns a dict
+    ``simultaneous=False`` fits every object alone (for comparison).  ``wings`` = (the PSF's FWHM in
+    pixels, lambda/D in pixels, obscuration): a second pass subtracts every fitted object's Kolmogorov
+    (x Airy) wing beyond its stamp (:func:`neighbour_wing_image`) and fits again, so a faint object
+    5-10" from a bright star is not biased by the light the stamps leave out.  Returns a dict
     of columns (one row per object, in input order): ``x, y, psfFlux, psfFluxErr,
     psfFlux_flag, psfFlux_flag_edge, psfFlux_flag_noGoodPixels, psfFlux_flag_masked,
     psfFlux_group, psfFlux_nGroup, pixelFlags_nodata, pixelFlags_saturatedCenter,
@@ -126,6 +130,14 @@ def forced_psf_photometry(
         wp, st2 = w * st, st * st
         ndiag[sl], mdiag[sl], b[sl] = (wp * st).sum((1, 2)), (wp * wp * v).sum((1, 2)), (wp * d).sum((1, 2))
         p2[sl], off2[sl], good2[sl] = st2.sum((1, 2)), (st2 * ~inside).sum((1, 2)), (st2 * (w > 0)).sum((1, 2))
+
+    def project(data: np.ndarray) -> np.ndarray:
+        """b_i = sum_pix w p_i d for another data image (the design, N and M, is unchanged)."""
+        out = np.zeros(n)
+        for s0 in range(0, n, 2048):
+            sl = slice(s0, min(s0 + 2048, n))
+            out[sl] = (_gather(wimg, ix[sl], iy[sl], c)[0] * stamps[sl] * _gather(data, ix[sl], iy[sl], c)[0]).sum((1, 2))
+        return out
     with np.errstate(divide="ignore", invalid="ignore"):
         off_frac = np.where(on, off2 / p2, 1.0)
         lost = np.where(on, 1.0 - good2 / p2, 1.0)
@@ -157,21 +169,34 @@ def forced_psf_photometry(
     sizes = np.bincount(comp, minlength=n_comp)
     group[fit], n_group[fit] = comp, sizes[comp]
     single = fit[sizes[comp] == 1]
-    flux[single], err[single] = b[single] / ndiag[single], np.sqrt(mdiag[single]) / ndiag[single]
     if np.any(sizes > 1):
         sym_r, sym_c = np.r_[pos[pi], pos[pj], pos[fit]], np.r_[pos[pj], pos[pi], pos[fit]]
         nmat = sparse.csr_matrix((np.r_[nij, nij, ndiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
         mmat = sparse.csr_matrix((np.r_[mij, mij, mdiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
         order = np.argsort(comp, kind="stable")
         bounds = np.searchsorted(comp[order], np.arange(n_comp + 1))
+
+    def solve(bvec: np.ndarray) -> None:
+        flux[single], err[single] = bvec[single] / ndiag[single], np.sqrt(mdiag[single]) / ndiag[single]
         for g in np.flatnonzero(sizes > 1):
             members = order[bounds[g]: bounds[g + 1]]  # positions in ``fit``
             sub = np.ix_(members, members)
             if len(members) <= max_dense_group:
-                amp, avar = _solve_group(nmat[sub].toarray(), mmat[sub].toarray(), b[fit[members]])
+                amp, avar = _solve_group(nmat[sub].toarray(), mmat[sub].toarray(), bvec[fit[members]])
             else:
-                amp, avar = _solve_sparse(nmat[sub], mmat[sub], b[fit[members]])
+                amp, avar = _solve_sparse(nmat[sub], mmat[sub], bvec[fit[members]])
             flux[fit[members]], err[fit[members]] = amp, np.sqrt(np.maximum(avar, 0.0))
+
+    solve(b)
+    if wings is not None and len(fit):
+        # pass 2: the fitted objects' wings beyond their stamps off the data (each object's own stamp is left
+        # as it was: its wing image is zero there), and the amplitudes fitted again
+        amps = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
+        wing_img = neighbour_wing_image(image.shape, x, y, amps, c, *wings,
+                                        floor=_WING_FLOOR * float(np.sqrt(np.median(bgvar[usable]))) if usable.any()
+                                        else np.inf)
+        if wing_img is not None:
+            solve(project(img - np.where(usable, wing_img, 0.0)))
 
     no_good = ~on | (ndiag <= 0)
     masked = on & (lost - off_frac > 1e-3)
@@ -184,6 +209,51 @@ def forced_psf_photometry(
         "pixelFlags_nodata": (centre & masks.NO_DATA) != 0, "pixelFlags_saturatedCenter": (centre & masks.SAT) != 0,
         "pixelFlags_crCenter": (centre & masks.CR) != 0, "pixelFlags_interpolatedCenter": (centre & masks.INTRP) != 0,
     }
+
+
+#: a wing is drawn out to where it falls below this fraction of the background rms per pixel (there it
+#: biases a faint object's PSF flux by ~0.001 sqrt(N_eff) ~ 0.01 sigma), at most _MAX_WING_HALF pixels:
+#: the rule measure_sources applies to single-frame neighbours
+_WING_FLOOR = 1e-3
+_MAX_WING_HALF = 128
+
+
+def neighbour_wing_image(shape: tuple[int, int], x, y, amp, half: int, fwhm_pix: float,
+                         lam_over_diam_pix: float = 0.0, obscuration: float = 0.0,
+                         floor: float = 0.0) -> np.ndarray | None:
+    """The sum of the objects' PSF wings beyond their (2 half + 1)^2 model stamps: ``amp`` x the
+    Kolmogorov ``A r^-11/3`` (x Airy) wing normalised as :func:`~lsst_prod.algorithms.apcorr.extended_psf_image`
+    does (the light a Kolmogorov PSF of ``fwhm_pix`` has beyond the stamp), zero inside each object's own
+    stamp, out to where ``amp`` x wing falls below ``floor`` (image units per pixel).  None when no wing
+    reaches beyond its stamp."""
+    import math
+
+    from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_fraction
+
+    x, y, amp = (np.atleast_1d(np.asarray(v, np.float64)) for v in (x, y, amp))
+    r0, idx = half + 0.5, KOLMOGOROV_WING_INDEX
+    t0 = kolmogorov_wing_fraction(round(float(fwhm_pix), 3), round(r0, 3), lam_over_diam_pix, obscuration)
+    a_w = t0 * (idx - 2.0) / (2.0 * math.pi * r0 ** (2.0 - idx))
+    if not (np.isfinite(a_w) and a_w > 0):
+        return None
+    with np.errstate(divide="ignore"):
+        reach = (amp * a_w / floor) ** (1.0 / idx) if floor > 0 else np.full(len(amp), float(_MAX_WING_HALF))
+    rows = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & (amp > 0) & (reach > half + 1))
+    if not len(rows):
+        return None
+    ny, nx = shape
+    out = np.zeros(shape)
+    for r in rows:
+        h = int(min(math.ceil(reach[r]), _MAX_WING_HALF))
+        cx, cy = int(np.rint(x[r])), int(np.rint(y[r]))
+        xa, xb, ya, yb = max(cx - h, 0), min(cx + h + 1, nx), max(cy - h, 0), min(cy + h + 1, ny)
+        if xa >= xb or ya >= yb:
+            continue
+        yy, xx = np.mgrid[ya:yb, xa:xb]
+        w = a_w * np.maximum(np.hypot(xx - x[r], yy - y[r]), 1.0) ** (-idx)
+        w[(np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)] = 0.0
+        out[ya:yb, xa:xb] += amp[r] * w
+    return out
 
 
 def propagate_object_positions(ra, dec, pmra=None, pmdec=None, parallax=None, ref_mjd=51544.5, target_mjd=None):

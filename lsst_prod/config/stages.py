@@ -209,6 +209,11 @@ class VisitSummaryConfig(StageConfig):
 class ForcedConfig(StageConfig):
     """Forced PSF photometry on calexps at object positions."""
 
+    neighbour_wings: bool = Field(True, description="subtract every object's Kolmogorov (x Airy) wing beyond its PSF "
+                                                    "stamp and fit again (a faint object 5-10\" from a bright star)")
+    telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m: the Airy wings (0: left out)")
+    telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
+
 
 #: Stage name -> parameter model.  The planner and the stage registry share these names.
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {

@@ -298,6 +298,7 @@ class ForcedStage(Stage):
         return specs
 
     def run_quantum(self, ctx: QuantumContext) -> None:
+        cfg: ForcedConfig = ctx.config  # type: ignore[assignment]
         exp = read_exposure(ctx.repo.path_of(ctx.input_ref("calexp")))
         visit, detector = int(ctx.data_id["visit"]), int(ctx.data_id["detector"])
         zp = relcal_zero_point(ctx, relcal_zero_points(ctx), visit, detector, float(exp.metadata["MAGZERO"]))
@@ -354,7 +355,12 @@ class ForcedStage(Stage):
             raise NoWorkFound(f"no object falls on visit {visit} detector {detector}")
         psf = PsfModel.from_fits(*exp.psf)
         apc = calexp_apcorr(exp)
-        res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on])
+        wings = None
+        if cfg.neighbour_wings:
+            fwhm = float(psf.fwhm_at((nx - 1) / 2.0, (ny - 1) / 2.0))
+            calexp_scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
+            wings = (fwhm, *diffraction_pixels(cfg, str(exp.metadata["BAND"]), calexp_scale))
+        res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on], wings=wings)
         ac = apc(x[on], y[on]) if apc is not None else 1.0
         star_id = np.full(len(moved), -1, np.int64)
         if moved.any():
