@@ -230,6 +230,12 @@ def test_forced_baseline_then_perturbed(loaded):
     # errors too small by 1.5
     _, ck2 = score_forced(replace(inp, forced={**f, "psfFluxErr": f["psfFluxErr"] / 1.5}))
     _fails(ck, ck2, "forced_constant_chi2_dof_median", +1)
+    _fails(ck, ck2, "forced_constant_false_positive_rate", +1)
+    # the tails: a tenth of the objects' errors too small by 3 (as next to a bright star whose model errors
+    # they take in) fails the false-positive rate, whatever the median does
+    few = np.isin(f["objectId"], np.unique(f["objectId"])[::10])
+    _, ck3 = score_forced(replace(inp, forced={**f, "psfFluxErr": np.where(few, f["psfFluxErr"] / 3, f["psfFluxErr"])}))
+    _fails(ck, ck3, "forced_constant_false_positive_rate", +1)
     # light curves flattened (every object's flux replaced by its mean per band): variables are lost
     flat = f["psfFlux"].copy()
     key = np.char.add(f["objectId"].astype(str), f["band"].astype(str))

@@ -44,7 +44,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "objects": ("coadd_flux_ratio_stars", "coadd_flux_ratio_patch_worst_excess", "object_completeness_snr10",
                 "deblend_flux_error_median", "deblend_flux_error_median_resolvable", "deblend_resolved_fraction"),
     "forced": ("forced_variable_recovered_fraction", *(var_name(lo, hi) for lo, hi in VAR_BINS),
-               "forced_constant_chi2_dof_median"),
+               "forced_constant_chi2_dof_median", "forced_constant_false_positive_rate"),
 }
 
 

@@ -53,8 +53,10 @@ constant hypothesis is rejected at a false-positive rate alpha = 1e-3 (chi2 > ch
   FWHM) constant stars with median per-visit S/N 10-50 (where a 5 mmag per-visit calibration error
   adds <= 0.05).  Bound: m +- 3 SE, m the median of the mixture of chi2(dof_i)/dof_i over the
   actual stars, SE = 1 / (2 f(m) sqrt(n)) the standard error of a sample median (f the mixture
-  density).  ``forced_constant_false_positive_rate`` (fraction of those rejected at alpha) is
-  reported.
+  density).
+* ``forced_constant_false_positive_rate``: fraction of those stars the chi2 test rejects at alpha
+  (0.001).  Bound: alpha + 3 sqrt(alpha (1 - alpha) / n), what correct errors give (binomial).  It
+  sees the tails the median does not: a few stars whose errors are far too small (next to bright stars).
 """
 
 from __future__ import annotations
@@ -524,6 +526,12 @@ def score_forced(inp: ObjectInputs) -> tuple[dict[str, Any], dict[str, dict[str,
         ck["forced_constant_chi2_dof_median"] = C.check(
             m["forced_constant_chi2_dof_median"], "in", (lo, hi),
             note=f"n={len(chi)}, dof median {np.median(dofs):g}; expected median {med:.3f}")
+        # with correct errors the chi2 test rejects alpha of the constant stars: binomial bound
+        fp_bound = VAR_ALPHA + 3.0 * math.sqrt(VAR_ALPHA * (1.0 - VAR_ALPHA) / len(chi))
+        n_fp = int(round(m["forced_constant_false_positive_rate"] * len(chi)))
+        ck["forced_constant_false_positive_rate"] = C.check(
+            m["forced_constant_false_positive_rate"], "<=", fp_bound,
+            note=f"{n_fp}/{len(chi)} constant stars rejected at alpha {VAR_ALPHA:g} (+3 binomial errors)")
     return m, ck
 
 
