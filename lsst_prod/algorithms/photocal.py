@@ -107,6 +107,19 @@ def _weighted_fit(d: np.ndarray, x: np.ndarray | None, w: np.ndarray, k_prior: f
     return float(sol[0]), float(sol[1]), float(cov[0, 0]), float(cov[1, 1])
 
 
+def _usable_stars(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy, colour):
+    """The inputs as float arrays (colour None stays None) and the stars usable for a zero point: finite,
+    positive fluxes and errors (a reference error may be 0), a finite colour when colours are given."""
+    fi, ei = np.asarray(inst_flux, float), np.asarray(inst_flux_err, float)
+    fr, er = np.asarray(ref_flux_njy, float), np.asarray(ref_flux_err_njy, float)
+    ok = np.isfinite(fi) & np.isfinite(ei) & np.isfinite(fr) & np.isfinite(er) & (fi > 0) & (fr > 0)
+    ok &= (ei > 0) & (er >= 0)
+    col = None if colour is None else np.asarray(colour, float)
+    if col is not None:
+        ok &= np.isfinite(col)
+    return fi, ei, fr, er, col, ok
+
+
 def fit_zero_point(
     inst_flux: np.ndarray,
     inst_flux_err: np.ndarray,
@@ -145,16 +158,10 @@ def fit_zero_point(
         ``colour_min_stars`` used stars: ``k`` held at ``colour_term_prior``).
         ``zero_point`` is the zero point at the pivot colour.
     """
-    fi, ei = np.asarray(inst_flux, float), np.asarray(inst_flux_err, float)
-    fr, er = np.asarray(ref_flux_njy, float), np.asarray(ref_flux_err_njy, float)
-    ok = np.isfinite(fi) & np.isfinite(ei) & np.isfinite(fr) & np.isfinite(er) & (fi > 0) & (fr > 0)
-    ok &= (ei > 0) & (er >= 0)
+    fi, ei, fr, er, col, ok = _usable_stars(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy, colour)
     if good is not None:
         ok &= np.asarray(good, bool)
-    with_colour = colour is not None
-    if with_colour:
-        col = np.asarray(colour, float)
-        ok &= np.isfinite(col)
+    with_colour = col is not None
     if ok.sum() < min_stars:
         raise AlgorithmError("too few stars for the photometric zero point", n_stars=int(ok.sum()))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -231,12 +238,7 @@ def provisional_zero_point(
     solves every ccdvisit's zero point from its stars matched across visits), not a calibration.  Its
     error is the median's (1.25 x the scatter / sqrt(n), at least the stars' own errors).  AlgorithmError
     when no star is usable."""
-    fi, ei = np.asarray(inst_flux, float), np.asarray(inst_flux_err, float)
-    fr, er = np.asarray(ref_flux_njy, float), np.asarray(ref_flux_err_njy, float)
-    ok = np.isfinite(fi) & np.isfinite(ei) & np.isfinite(fr) & np.isfinite(er) & (fi > 0) & (fr > 0) & (ei > 0)
-    col = None if colour is None else np.asarray(colour, float)
-    if col is not None:
-        ok &= np.isfinite(col)
+    fi, ei, fr, er, col, ok = _usable_stars(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy, colour)
     if not ok.any():
         raise AlgorithmError("no star for a photometric zero point", n_stars=0)
     d = (AB_NJY_ZERO_POINT - 2.5 * np.log10(fr[ok])) + 2.5 * np.log10(fi[ok])
