@@ -282,6 +282,17 @@ def kolmogorov_wing_fraction(fwhm_pix: float, radius: float, lam_over_diam_pix: 
     return float((1.0 - w) / w)
 
 
+def kolmogorov_wing_amplitude(fwhm: float, r0: float, diffraction: tuple[float, float] = (0.0, 0.0),
+                              index: float = KOLMOGOROV_WING_INDEX) -> float:
+    """``A`` of the wing ``A r^-index`` (per pixel, in units of the unit-sum model stamp) that holds, beyond
+    the radius ``r0``, the light a Kolmogorov (x Airy, ``diffraction``) PSF of ``fwhm`` pixels has there
+    (:func:`kolmogorov_wing_fraction`); NaN or <= 0 when that is not known.  The wing a model stamp of
+    inscribed radius ``r0`` leaves out, for :func:`extended_psf_image` and the neighbours' wings of
+    measurement and forced photometry."""
+    t0 = kolmogorov_wing_fraction(round(float(fwhm), 3), round(float(r0), 3), *diffraction)
+    return t0 * (index - 2.0) / (2.0 * math.pi * r0 ** (2.0 - index))
+
+
 def extended_psf_image(psf_image: np.ndarray, fwhm: float, half: int,
                        index: float = KOLMOGOROV_WING_INDEX, diffraction: tuple[float, float] = (0.0, 0.0)
                        ) -> np.ndarray:
@@ -293,9 +304,7 @@ def extended_psf_image(psf_image: np.ndarray, fwhm: float, half: int,
     half = max(int(half), h0)
     # amplitude such that the wing beyond the stamp's inscribed radius h0 + 1/2 holds what a Kolmogorov
     # PSF of this FWHM has there (kolmogorov_wing_fraction; the model stamp itself has unit sum)
-    r0 = h0 + 0.5
-    t0 = kolmogorov_wing_fraction(round(float(fwhm), 3), round(r0, 3), *diffraction)
-    amp = t0 * (index - 2.0) / (2.0 * math.pi * r0 ** (2.0 - index))
+    amp = kolmogorov_wing_amplitude(fwhm, h0 + 0.5, diffraction, index)
     yy, xx = np.mgrid[: 2 * half + 1, : 2 * half + 1] - half
     r = np.maximum(np.hypot(xx, yy), 1.0)
     out = amp * r ** (-index) if np.isfinite(amp) and amp > 0 else np.zeros_like(r)

@@ -31,6 +31,8 @@ Figures: docs/algorithms-objects.md.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
@@ -38,8 +40,9 @@ from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from . import masks
+from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_amplitude
 from .astrometry import propagate_positions
-from .measure import _gather
+from .measure import _MAX_WING_HALF, _WING_FLOOR, _gather
 from .relcal_astrometry import gnomonic, remove_astrometric_correction  # noqa: F401 (re-exported)
 from .relcal_normals import MAS_PER_RAD
 
@@ -211,29 +214,18 @@ def forced_psf_photometry(
     }
 
 
-#: a wing is drawn out to where it falls below this fraction of the background rms per pixel (there it
-#: biases a faint object's PSF flux by ~0.001 sqrt(N_eff) ~ 0.01 sigma), at most _MAX_WING_HALF pixels:
-#: the rule measure_sources applies to single-frame neighbours
-_WING_FLOOR = 1e-3
-_MAX_WING_HALF = 128
-
-
 def neighbour_wing_image(shape: tuple[int, int], x, y, amp, half: int, fwhm_pix: float,
                          lam_over_diam_pix: float = 0.0, obscuration: float = 0.0,
                          floor: float = 0.0) -> np.ndarray | None:
     """The sum of the objects' PSF wings beyond their (2 half + 1)^2 model stamps: ``amp`` x the
     Kolmogorov ``A r^-11/3`` (x Airy) wing normalised as :func:`~lsst_prod.algorithms.apcorr.extended_psf_image`
     does (the light a Kolmogorov PSF of ``fwhm_pix`` has beyond the stamp), zero inside each object's own
-    stamp, out to where ``amp`` x wing falls below ``floor`` (image units per pixel).  None when no wing
-    reaches beyond its stamp."""
-    import math
-
-    from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_fraction
-
+    stamp, out to where ``amp`` x wing falls below ``floor`` (image units per pixel; measure_sources' rule
+    for single-frame neighbours, ``_WING_FLOOR`` of the background rms, at most ``_MAX_WING_HALF`` pixels).
+    None when no wing reaches beyond its stamp."""
     x, y, amp = (np.atleast_1d(np.asarray(v, np.float64)) for v in (x, y, amp))
-    r0, idx = half + 0.5, KOLMOGOROV_WING_INDEX
-    t0 = kolmogorov_wing_fraction(round(float(fwhm_pix), 3), round(r0, 3), lam_over_diam_pix, obscuration)
-    a_w = t0 * (idx - 2.0) / (2.0 * math.pi * r0 ** (2.0 - idx))
+    idx = KOLMOGOROV_WING_INDEX
+    a_w = kolmogorov_wing_amplitude(fwhm_pix, half + 0.5, (lam_over_diam_pix, obscuration))
     if not (np.isfinite(a_w) and a_w > 0):
         return None
     with np.errstate(divide="ignore"):

@@ -24,7 +24,7 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.spatial import cKDTree
 
 from . import masks
-from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_fraction
+from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_amplitude
 from .footprints import Footprints
 
 
@@ -492,9 +492,8 @@ def measure_sources(
     if subtract_neighbours and neighbour_wings and in_model.any():
         mc = psf_moments(np.array([nx / 2.0]), np.array([ny / 2.0]))[0]
         fwhm_c = _FWHM_PER_SIGMA * max(mc[0] * mc[1] - mc[2] ** 2, 1e-12) ** 0.25
-        r0, idx = c + 0.5, KOLMOGOROV_WING_INDEX
-        t0 = kolmogorov_wing_fraction(round(float(fwhm_c), 3), round(r0, 3), *diffraction)
-        a_w = t0 * (idx - 2.0) / (2.0 * math.pi * r0 ** (2.0 - idx))  # as apcorr.extended_psf_image
+        idx = KOLMOGOROV_WING_INDEX
+        a_w = kolmogorov_wing_amplitude(fwhm_c, c + 0.5, diffraction)
         if np.isfinite(a_w) and a_w > 0:
             with np.errstate(divide="ignore"):
                 reach = (m_amp * a_w / (_WING_FLOOR * np.sqrt(bgvar))) ** (1.0 / idx)

@@ -151,10 +151,13 @@ class RelcalStage(Stage):
         # as given, even above twice the terms
         n_terms = (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2
         min_astrom = cfg.min_stars_per_ccdvisit_astrometry or 2 * min(3, n_terms)
+        # below this a ccdvisit's terms above order 1 are held at 0 (a fit to N stars with p terms carries
+        # sqrt(p / N) of their position error)
+        min_full = max(min_astrom, math.ceil(cfg.astrometry_min_stars_per_term * n_terms))
         for _ in range(cfg.max_exclusion_rounds + 1):
             ccd_rows = [c for c in all_rows if int(c["ccdVisitId"][0]) not in thin]
             try:
-                solved = self._solve(ctx, cfg, comm, allreduce, ccd_rows, src_refs, ref, cache, min_astrom)
+                solved = self._solve(ctx, cfg, comm, allreduce, ccd_rows, src_refs, ref, cache, min_astrom, min_full)
             except ThinCcdVisits as e:
                 if not e.ccdvisit_ids or len(thin) + len(e.ccdvisit_ids) > cfg.max_excluded_fraction * len(all_rows):
                     raise
@@ -179,7 +182,7 @@ class RelcalStage(Stage):
         self._write(ctx, cfg, comm, solved, [c for c in all_rows if int(c["ccdVisitId"][0]) in thin], thin)
 
     def _solve(self, ctx, cfg: RelcalConfig, comm, allreduce, ccd_rows, src_refs, ref, cache,
-               min_astrom: int) -> dict[str, Any]:
+               min_astrom: int, min_full: int) -> dict[str, Any]:
         """One solution on ``ccd_rows``; ThinCcdVisits when some ccdvisit has too few usable stars."""
         rank, size = comm.Get_rank(), comm.Get_size()
         short = _bands_below_minimum(ctx, np.array([str(c["band"][0]) for c in ccd_rows]),
@@ -296,10 +299,8 @@ class RelcalStage(Stage):
         apart = make_astrometric_part(cv, stars, pairs, S["k"][R], sidx, S["x"][R], S["y"][R], S["ra"][R],
                                       S["dec"][R], S["raErr"][R], S["decErr"][R], order=cfg.astrometry_order,
                                       error_floor_mas=cfg.astrometry_error_floor_mas)
-        n_terms = (cfg.astrometry_order + 1) * (cfg.astrometry_order + 2) // 2
         asol = fit_astrometry(apart, cv, stars, nsigma=cfg.nsigma, max_iter=cfg.max_iter, allreduce=allreduce,
-                              min_stars_linear=min_astrom,
-                              min_stars_per_ccdvisit=max(min_astrom, math.ceil(cfg.astrometry_min_stars_per_term * n_terms)))
+                              min_stars_linear=min_astrom, min_stars_per_ccdvisit=min_full)
         return {"cv_ids": cv_ids, "zp_sf": zp_sf, "zp": zp, "zp_err": zp_err, "bands": bands, "keys": keys,
                 "mine": mine, "n_stars_phot": n_stars_phot, "phot_summary": phot_summary, "asol": asol,
                 "match": match, "ref": ref}
