@@ -82,6 +82,7 @@ def forced_psf_photometry(
     max_masked_fraction: float = 0.2,
     max_dense_group: int = 300,
     wings: tuple[float, float, float] | None = None,
+    profile_error: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """PSF fluxes (image units) of objects at fixed pixel positions (x, y).
 
@@ -92,7 +93,11 @@ def forced_psf_photometry(
     ``simultaneous=False`` fits every object alone (for comparison).  ``wings`` = (the PSF's FWHM in
     pixels, lambda/D in pixels, obscuration): a second pass subtracts every fitted object's Kolmogorov
     (x Airy) wing beyond its stamp (:func:`neighbour_wing_image`) and fits again, so a faint object
-    5-10" from a bright star is not biased by the light the stamps leave out.  Returns a dict
+    5-10" from a bright star is not biased by the light the stamps leave out.  ``profile_error`` (the
+    PSF model's fractional per-pixel error, :func:`~lsst_prod.algorithms.psf.profile_error`): the errors
+    include the model's error, a variance ``(e a_j p_j)^2`` per pixel from every fitted object j (DAOPHOT's
+    profile error), so that a faint object inside a bright star's stamp, or a bright star itself, is not
+    given the precision of its photons alone.  Returns a dict
     of columns (one row per object, in input order): ``x, y, psfFlux, psfFluxErr,
     psfFlux_flag, psfFlux_flag_edge, psfFlux_flag_noGoodPixels, psfFlux_flag_masked,
     psfFlux_group, psfFlux_nGroup, pixelFlags_nodata, pixelFlags_saturatedCenter,
@@ -152,17 +157,23 @@ def forced_psf_photometry(
     if simultaneous and len(fit) > 1:
         pairs = cKDTree(np.column_stack([ix[fit], iy[fit]])).query_pairs(size - 1, p=np.inf, output_type="ndarray")
     pi, pj = fit[pairs[:, 0]], fit[pairs[:, 1]]
-    nij, mij = np.zeros(len(pi)), np.zeros(len(pi))
-    for k, (i, j) in enumerate(zip(pi, pj)):  # overlap of the two stamps, in image pixels
-        xa, ya = max(ix[i], ix[j]) - c, max(iy[i], iy[j]) - c
-        xb, yb = min(min(ix[i], ix[j]) + c + 1, nx), min(min(iy[i], iy[j]) + c + 1, ny)
-        xa, ya = max(xa, 0), max(ya, 0)
-        if xa >= xb or ya >= yb:
-            continue
-        wsub = wimg[ya:yb, xa:xb]
-        prod = wsub * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c] \
-            * stamps[j][ya - iy[j] + c: yb - iy[j] + c, xa - ix[j] + c: xb - ix[j] + c]
-        nij[k], mij[k] = prod.sum(), (prod * wsub * var[ya:yb, xa:xb]).sum()
+
+    def overlaps(pi, pj, varimg):
+        """N_ij and M_ij (the latter with the variance image ``varimg``) of the pairs (pi, pj)."""
+        nij, mij = np.zeros(len(pi)), np.zeros(len(pi))
+        for k, (i, j) in enumerate(zip(pi, pj)):  # overlap of the two stamps, in image pixels
+            xa, ya = max(ix[i], ix[j]) - c, max(iy[i], iy[j]) - c
+            xb, yb = min(min(ix[i], ix[j]) + c + 1, nx), min(min(iy[i], iy[j]) + c + 1, ny)
+            xa, ya = max(xa, 0), max(ya, 0)
+            if xa >= xb or ya >= yb:
+                continue
+            wsub = wimg[ya:yb, xa:xb]
+            prod = wsub * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c] \
+                * stamps[j][ya - iy[j] + c: yb - iy[j] + c, xa - ix[j] + c: xb - ix[j] + c]
+            nij[k], mij[k] = prod.sum(), (prod * wsub * varimg[ya:yb, xa:xb]).sum()
+        return nij, mij
+
+    nij, mij = overlaps(pi, pj, var)
     keep = nij != 0
     pi, pj, nij, mij = pi[keep], pj[keep], nij[keep], mij[keep]
     pos = np.full(n, -1, np.int64)
@@ -199,7 +210,27 @@ def forced_psf_photometry(
                                         floor=_WING_FLOOR * float(np.sqrt(np.median(bgvar[usable]))) if usable.any()
                                         else np.inf)
         if wing_img is not None:
-            solve(project(img - np.where(usable, wing_img, 0.0)))
+            b = project(img - np.where(usable, wing_img, 0.0))
+            solve(b)
+    if profile_error > 0 and len(fit):
+        # the errors again, with the model's variance (e a_j p_j)^2 of every fitted object j added to the
+        # pixels' (the amplitudes, which the weights and the data set, are unchanged)
+        amps = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
+        model_var = np.zeros(image.shape)
+        for i in fit[amps[fit] > 0]:
+            xa, ya, xb, yb = max(ix[i] - c, 0), max(iy[i] - c, 0), min(ix[i] + c + 1, nx), min(iy[i] + c + 1, ny)
+            if xa < xb and ya < yb:
+                model_var[ya:yb, xa:xb] += (profile_error * amps[i]
+                                            * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c]) ** 2
+        var_m = var + np.where(usable, model_var, 0.0)
+        for s0 in range(0, n, 2048):
+            sl = slice(s0, min(s0 + 2048, n))
+            wp = _gather(wimg, ix[sl], iy[sl], c)[0] * stamps[sl]
+            mdiag[sl] = (wp * wp * _gather(var_m, ix[sl], iy[sl], c)[0]).sum((1, 2))
+        if np.any(sizes > 1):
+            mij = overlaps(pi, pj, var_m)[1]
+            mmat = sparse.csr_matrix((np.r_[mij, mij, mdiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
+        solve(b)
 
     no_good = ~on | (ndiag <= 0)
     masked = on & (lost - off_frac > 1e-3)

@@ -402,7 +402,9 @@ class PsfModel:
     coeffs: float64 (n_terms, S, S); spatial_order; detector_shape (ny, nx);
     fit statistics: n_stars used, n_rejected, residual_rms (rms of the
     normalised-stamp residuals as a fraction of the model peak), chi2 (median
-    reduced chi^2 of the used stars).
+    reduced chi^2 of the used stars), profile_error (:func:`profile_error`: the rms model error of a
+    pixel as a fraction of the model's value there, beyond the stars' noise; 0 for a model written
+    before it was measured).
     """
 
     coeffs: np.ndarray
@@ -414,6 +416,8 @@ class PsfModel:
     chi2: float
     #: "" for the empirical pixel model; "moffat" for the parametric fallback fitted to too few stars
     fallback: str = ""
+    #: fractional per-pixel model error (DAOPHOT's "profile error", measured on the PSF stars)
+    profile_error: float = 0.0
     #: the fallback's parameters: fwhm (pixels), beta, g1, g2
     fallback_params: tuple[float, ...] = ()
 
@@ -464,7 +468,7 @@ class PsfModel:
             "NSTARS": int(self.n_stars), "NREJECT": int(self.n_rejected),
             "RESIDRMS": float(self.residual_rms), "PSFCHI2": float(self.chi2),
             "POLYTERM": " ".join(f"{i}{j}" for i, j in _poly_terms(self.spatial_order)),
-            "FALLBACK": bool(self.fallback),
+            "FALLBACK": bool(self.fallback), "PROFERR": float(self.profile_error),
         }
         if self.fallback:
             hdr["PARMODEL"] = self.fallback.upper()
@@ -488,7 +492,7 @@ class PsfModel:
             coeffs=coeffs, spatial_order=order, detector_shape=(int(header["DET_NY"]), int(header["DET_NX"])),
             n_stars=int(header["NSTARS"]), n_rejected=int(header["NREJECT"]),
             residual_rms=float(header["RESIDRMS"]), chi2=float(header["PSFCHI2"]),
-            fallback=fallback, fallback_params=params,
+            fallback=fallback, fallback_params=params, profile_error=float(header.get("PROFERR", 0.0)),
         )
 
 
@@ -618,11 +622,37 @@ def fit_psf(
     coeffs = coef.T.reshape(n_terms, stamp_size, stamp_size)
     resid = (d - amp[:, None] * model)[use] / model[use].max(axis=1, keepdims=True)
     valid = np.isfinite(var.reshape(n0, npix))[use]
+    with np.errstate(divide="ignore"):
+        pe = profile_error((d - amp[:, None] * model)[use], (1.0 / w)[use], (amp[:, None] * model)[use])
     return PsfModel(
         coeffs=coeffs, spatial_order=int(spatial_order), detector_shape=(int(ny), int(nx)),
         n_stars=n_used, n_rejected=int(n0 - n_used),
         residual_rms=float(np.sqrt(np.mean(resid[valid] ** 2))), chi2=float(np.median(chi2[use])),
+        profile_error=pe,
     )
+
+
+def profile_error(resid: np.ndarray, var: np.ndarray, model: np.ndarray) -> float:
+    """The PSF model's fractional per-pixel error ``e`` measured on the stars it was fitted to.
+
+    ``resid`` = star - fitted model, ``var`` the pixels' noise variance and ``model`` the fitted model
+    (amplitude x PSF), all in the same units (any shape; non-finite or infinite ``var`` marks pixels
+    without data).  The model is taken to err by ``e x model`` per pixel, independently from pixel to
+    pixel, as DAOPHOT's "profile error" does, so that ``E[resid^2] = var + e^2 model^2``; ``e^2`` is the
+    least-squares solution of that relation with weights ``1 / var^2`` (the variance of ``resid^2`` at
+    ``e = 0``): ``sum((resid^2 - var) model^2 / var^2) / sum(model^4 / var^2)``, 0 when negative (a model
+    within the noise).  The fit has absorbed a little of the stars' noise and error (n_terms of the
+    spatial polynomial over n stars), so this slightly underestimates ``e``.
+    """
+    resid, var, model = (np.asarray(a, np.float64).ravel() for a in (resid, var, model))
+    ok = np.isfinite(resid) & np.isfinite(var) & (var > 0) & np.isfinite(model)
+    if not ok.any():
+        return 0.0
+    r2, v, m2 = resid[ok] ** 2, var[ok], model[ok] ** 2
+    den = float(np.sum(m2 * m2 / (v * v)))
+    if not den > 0:
+        return 0.0
+    return float(np.sqrt(max(float(np.sum((r2 - v) * m2 / (v * v))) / den, 0.0)))
 
 
 def _moffat_fallback(data: np.ndarray, var: np.ndarray, flux: np.ndarray, n_in: int, detector_shape: tuple[int, int],
@@ -636,9 +666,11 @@ def _moffat_fallback(data: np.ndarray, var: np.ndarray, flux: np.ndarray, n_in: 
     d = data[used] / norm[used]
     valid = np.isfinite(sigma[used])
     resid = (d - amp[used][:, None, None] * model[None]) / model.max()
+    pe = profile_error(d - amp[used][:, None, None] * model[None], sigma[used] ** 2,
+                       amp[used][:, None, None] * model[None])
     return PsfModel(
         coeffs=model[None], spatial_order=0, detector_shape=(int(detector_shape[0]), int(detector_shape[1])),
         n_stars=int(used.sum()), n_rejected=int(n_rejected + n_in - used.sum()),
         residual_rms=float(np.sqrt(np.mean(resid[valid] ** 2))), chi2=float(chi2),
-        fallback="moffat", fallback_params=tuple(float(v) for v in params),
+        fallback="moffat", fallback_params=tuple(float(v) for v in params), profile_error=pe,
     )

@@ -360,7 +360,8 @@ class ForcedStage(Stage):
             fwhm = float(psf.fwhm_at((nx - 1) / 2.0, (ny - 1) / 2.0))
             calexp_scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
             wings = (fwhm, *diffraction_pixels(cfg, str(exp.metadata["BAND"]), calexp_scale))
-        res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on], wings=wings)
+        res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on], wings=wings,
+                                    profile_error=psf.profile_error if cfg.psf_profile_error else 0.0)
         ac = apc(x[on], y[on]) if apc is not None else 1.0
         star_id = np.full(len(moved), -1, np.int64)
         if moved.any():

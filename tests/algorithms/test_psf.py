@@ -9,7 +9,7 @@ from astropy.io import fits
 
 from lsst_prod.algorithms import masks
 from lsst_prod.algorithms.detect import detect_sources
-from lsst_prod.algorithms.psf import PsfModel, adaptive_moments, fit_psf, select_psf_candidates
+from lsst_prod.algorithms.psf import PsfModel, adaptive_moments, fit_psf, profile_error, select_psf_candidates
 from lsst_prod.errors import AlgorithmError
 
 N, SKY, RN = 1024, 1000.0, 5.0
@@ -130,7 +130,8 @@ def test_fits_round_trip(field):
     np.testing.assert_array_equal(back.coeffs, model.coeffs)
     assert (back.spatial_order, back.detector_shape, back.n_stars, back.n_rejected) == (
         model.spatial_order, model.detector_shape, model.n_stars, model.n_rejected)
-    assert (back.residual_rms, back.chi2) == (model.residual_rms, model.chi2)
+    assert (back.residual_rms, back.chi2, back.profile_error) == (model.residual_rms, model.chi2, model.profile_error)
+    assert PsfModel.from_fits(arr, {k: v for k, v in hdr.items() if k != "PROFERR"}).profile_error == 0.0  # older files
     np.testing.assert_array_equal(back.image_at(123.4, 567.8), model.image_at(123.4, 567.8))
     # Through an actual FITS HDU (big-endian data, astropy Header).
     buf = io.BytesIO()
@@ -275,3 +276,36 @@ def test_spatial_order_falls_to_constant_with_few_stars(field):
     m = fit_psf(field["img"], field["var"], field["mask"], c.x[:20], c.y[:20], (N, N), spatial_order=2,
                 min_stars_per_term=8.0, fallback=True)
     assert m.spatial_order == 0 and not m.is_fallback and m.n_stars >= 10
+
+
+@pytest.mark.parametrize("e", [0.0, 0.01, 0.04])
+def test_profile_error_recovers_an_injected_model_error(e):
+    """resid = photon noise + e x model x N(0, 1): the estimator returns e (1,000 stars of 10^3-10^5.5
+    counts on Gaussian stamps over a sky of 100; the 1-sigma error of the estimate is ~0.001)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[-7:8, -7:8]
+    p = np.exp(-(xx**2 + yy**2) / (2 * 1.7**2))
+    p /= p.sum()
+    model = 10 ** rng.uniform(3, 5.5, 1000)[:, None, None] * p[None]
+    var = 100.0 + model
+    resid = rng.normal(size=model.shape) * np.sqrt(var) + e * model * rng.normal(size=model.shape)
+    var[:, 0, :] = np.inf  # pixels without data are ignored
+    assert profile_error(resid, var, model) == pytest.approx(e, abs=0.003)
+
+
+def test_profile_error_of_fitted_models(field, draw_moffat_field):
+    """A model that follows the stars (Moffats whose FWHM varies smoothly) errs by < 1 % of a pixel's value;
+    stars whose FWHM jitters from star to star by 5 % rms, which no smooth model follows, give the error
+    the jitter makes (a 5 % FWHM change moves a pixel's value by up to ~10 % of the peak)."""
+    assert field["model"].profile_error < 0.01
+    rng = np.random.default_rng(2)
+    gx, gy = np.meshgrid(np.arange(40, 600, 40), np.arange(40, 600, 40))
+    x, y = gx.ravel() + rng.uniform(-3, 3, gx.size), gy.ravel() + rng.uniform(-3, 3, gx.size)
+    jitter = dict(zip(zip(np.round(x, 6), np.round(y, 6)), 4.0 * (1 + 0.05 * rng.normal(size=x.size))))
+    stars = draw_moffat_field((640, 640), x, y, np.full(x.size, 3e5),
+                              fwhm=lambda xi, yi: jitter[(round(float(xi), 6), round(float(yi), 6))])
+    img = (rng.poisson(SKY + stars) - SKY).astype(np.float32)
+    var = (SKY + stars).astype(np.float32)
+    model = fit_psf(img, var, np.zeros(img.shape, np.uint32), x, y, (640, 640), stamp_size=25, spatial_order=1)
+    print(f"profile error: smooth field {field['model'].profile_error:.4f}, 5 % FWHM jitter {model.profile_error:.4f}")
+    assert 0.02 < model.profile_error < 0.2, model.profile_error
