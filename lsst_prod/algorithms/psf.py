@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from lsst_prod.algorithms import masks
+from lsst_prod.algorithms.apcorr import KOLMOGOROV_WING_INDEX
 from lsst_prod.algorithms.footprints import Footprints
 from lsst_prod.errors import AlgorithmError
 
@@ -500,7 +501,7 @@ def fit_psf(
     image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
     detector_shape: tuple[int, int], stamp_size: int = 25, spatial_order: int = 2, oversampling: int = 1,
     min_stars: int | None = None, clip: float = 4.0, n_iter: int = 3, labels: np.ndarray | None = None,
-    min_stars_per_term: float = 0.0, fallback: bool = False,
+    min_stars_per_term: float = 0.0, fallback: bool = False, wing_radius_fwhm: float | None = None,
 ) -> PsfModel:
     """Fit a :class:`PsfModel` to stars near (x, y) (pixels) of a background-subtracted image.
 
@@ -518,7 +519,8 @@ def fit_psf(
     ``fallback``: with fewer than ``min_stars`` usable stars (before or after the outlier clip), fit the
     parametric Moffat of :func:`fit_moffat_psf` to the (one or more) usable stars instead of raising;
     the model returned is constant, ``fallback == "moffat"``.  An AlgorithmError remains when no star is
-    usable at all.
+    usable at all.  ``wing_radius_fwhm``: beyond this many FWHM from the centre every coefficient image is
+    replaced by the Kolmogorov wing ``A_k r^-11/3`` fitted to its own pixels there (:func:`smooth_wings`).
     """
     if stamp_size % 2 != 1 or stamp_size < 5:
         raise ValueError(f"stamp_size must be odd and >= 5, got {stamp_size}")
@@ -615,6 +617,11 @@ def fit_psf(
             mad = 1.4826 * np.median(np.abs(chi2[use] - med))
             use &= chi2 < med + clip * max(mad, 0.05 * med)
     n_used = int(use.sum())
+    if wing_radius_fwhm and n_used >= min_stars:
+        coef = smooth_wings(coef, stamp_size, wing_radius_fwhm)
+        model = a @ coef.T
+        amp = (w * d * model).sum(axis=1) / np.maximum((w * model * model).sum(axis=1), 1e-30)
+        chi2 = (w * (d - amp[:, None] * model) ** 2).sum(axis=1) / n_keep
     if n_used < min_stars and fallback:
         return _moffat_fallback(data[use], var[use], flux[use], n_used, (ny, nx), n_rejected=n0 - n_used)
     if n_used < min_stars:
@@ -630,6 +637,44 @@ def fit_psf(
         residual_rms=float(np.sqrt(np.mean(resid[valid] ** 2))), chi2=float(np.median(chi2[use])),
         profile_error=pe,
     )
+
+
+def smooth_wings(coef: np.ndarray, stamp_size: int, radius_fwhm: float,
+                 index: float = KOLMOGOROV_WING_INDEX) -> np.ndarray:
+    """The pixel model's coefficients (npix, n_terms) with their wings made smooth.
+
+    A pixel far from the centre holds little of any PSF star's light, so its fitted value is mostly their
+    noise, and the spatial polynomial multiplies that noise towards the detector's edges: on dp-mini the
+    pixels 12-19 px (2.2-3.5 FWHM) from the centre scattered by +-3e-4 of the total flux about annulus
+    means of 1e-4 to 2e-6, which a star 1,000x brighter than a neighbour 19 px away turns into phantom
+    light of 100-300 e- per pixel on it (the neighbour's flux 1/5 of its truth in one visit).  Beyond
+    ``radius_fwhm`` x the FWHM of the constant term (its adaptive moments), each coefficient image k is
+    replaced by ``A_k r^-index``, ``A_k`` fitted (least squares, equal weights: sky-limited pixels) to that
+    image's own pixels there: one number per spatial term from hundreds of pixels instead of one per pixel.
+    The index is the Kolmogorov wing's 11/3, the one :func:`~lsst_prod.algorithms.apcorr.extended_psf_image`
+    uses beyond the stamp (on dp-mini the pixel model's annulus means follow it from 1.5 FWHM to the stamp's
+    edge).  What it loses: structure in the wings that is not round (diffraction spikes, the wings'
+    ellipticity), which the pixel model could not measure at this noise anyway.  Unchanged when the stamp
+    ends before ``radius_fwhm`` FWHM + 2 px.
+    """
+    size = int(stamp_size)
+    half = size // 2
+    c0 = coef[:, 0].reshape(size, size)
+    mom = adaptive_moments(c0[None] / c0.sum())
+    if not mom["ok"][0]:
+        return coef
+    fwhm = FWHM_PER_SIGMA * max(float(mom["ixx"][0] * mom["iyy"][0] - mom["ixy"][0] ** 2), 0.0) ** 0.25
+    r_c = float(radius_fwhm) * fwhm
+    if not (fwhm > 0 and r_c + 2.0 < half):
+        return coef
+    yy, xx = np.mgrid[:size, :size] - half
+    r = np.hypot(xx, yy).ravel()
+    outer = r > r_c
+    law = r[outer] ** (-float(index))
+    amps = law @ coef[outer] / float(law @ law)  # (n_terms,)
+    out = np.array(coef, dtype=np.float64, copy=True)
+    out[outer] = law[:, None] * amps[None, :]
+    return out
 
 
 def profile_error(resid: np.ndarray, var: np.ndarray, model: np.ndarray) -> float:

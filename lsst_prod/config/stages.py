@@ -53,6 +53,10 @@ class SingleFrameConfig(StageConfig):
                                           description="the PSF's spatial order is lowered while fewer usable stars "
                                                       "than this per polynomial term remain")
     psf_min_stars: int = Field(10, ge=3, description="fewer usable PSF stars is an AlgorithmError")
+    psf_wing_radius_fwhm: float = Field(2.0, ge=0, le=20,
+                                        description="beyond this many FWHM the PSF model's pixels are replaced by a "
+                                                    "fitted Kolmogorov wing A r^-11/3 (the pixels there are mostly "
+                                                    "noise); 0 keeps every pixel")
     apcorr_reference_radius_pixels: float | Literal["auto"] = Field(
         "auto", description="aperture that defines total flux, pixels; 'auto': max(25, 8 x the PSF model's FWHM)")
     astrometry_sip_order: int = Field(3, ge=0, le=5, description="SIP distortion order of the fitted WCS")

@@ -129,7 +129,8 @@ class SingleFrameStage(Stage):
         psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
                       stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_cand),
                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
-                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
+                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True,
+                      wing_radius_fwhm=cfg.psf_wing_radius_fwhm)
         cy, cx = (image.shape[0] - 1) / 2.0, (image.shape[1] - 1) / 2.0
         fwhm_pix = float(psf.fwhm_at(cx, cy))
 
@@ -161,7 +162,8 @@ class SingleFrameStage(Stage):
         psf = fit_psf(image, variance, mask, cand.x, cand.y, image.shape,
                       stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix),
                       spatial_order=cfg.psf_spatial_order, min_stars=cfg.psf_min_stars, labels=fp.labels,
-                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
+                      min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True,
+                      wing_radius_fwhm=cfg.psf_wing_radius_fwhm)
         fwhm_pix = float(psf.fwhm_at(cx, cy))
         crowding = _psf_stamp_crowding(fp.labels, cand, _stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix))
         if crowding > PSF_MAX_NEIGHBOUR_FRACTION:
@@ -432,7 +434,8 @@ def crowded_psf(image, variance, mask, fp, cand, detection_sigma: float, backgro
     fp = detect_sources(image, variance, mask, detection_sigma, threshold=cfg.detection_threshold_sigma,
                         max_footprint_peaks=MAX_FOOTPRINT_PEAKS, peak_smoothing=CROWDED_PEAK_SMOOTHING, set_mask=False)
     fit_kw = dict(stamp_size=_stamp_pixels(cfg.psf_stamp_pixels, fwhm_pix), min_stars=cfg.psf_min_stars,
-                  min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True)
+                  min_stars_per_term=cfg.psf_min_stars_per_term, fallback=True,
+                  wing_radius_fwhm=cfg.psf_wing_radius_fwhm)
     psf0 = fit_psf(image, variance, mask, cand.x, cand.y, image.shape, spatial_order=0, labels=fp.labels, **fit_kw)
     own = np.unique(fp.labels[np.rint(cand.y).astype(int), np.rint(cand.x).astype(int)])
     weight = np.where((mask & masks.UNUSABLE) == 0, 1.0 / np.maximum(background_rms, 1e-12) ** 2, 0.0)
