@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from astropy.wcs import WCS
 
+from lsst_prod.algorithms.apcorr import ApertureCorrection
 from lsst_prod.algorithms.astrometry import propagate_positions
 from lsst_prod.algorithms.psf import PsfModel
 from lsst_prod.algorithms.relcal_astrometry import gnomonic, inverse_gnomonic
@@ -59,7 +60,7 @@ def _stars(mjd):
     return ra, dec, pmra, pmdec, plx, now
 
 
-def _setup(tmp_path, with_stars: bool):
+def _setup(tmp_path, with_stars: bool, apcorr_err: float | None = None, config: ForcedConfig | None = None):
     rng = np.random.default_rng(4)
     repo = Repository.create(tmp_path / "repo")
     mjd = T0 + 1.5 * 365.25  # the moving star is 120 mas (0.6 px) from its T0 position, 0.43 px on the calexp
@@ -78,8 +79,12 @@ def _setup(tmp_path, with_stars: bool):
     var = SKY + model
     image = model + rng.normal(size=SHAPE) * np.sqrt(var)
     did = DataId(instrument="SimCam", visit=1, detector=0)
+    extra = {}
+    if apcorr_err is not None:  # a constant aperture correction of 1 known to apcorr_err
+        apc = ApertureCorrection(0, np.array([1.0]), np.array([[apcorr_err**2]]), SHAPE, 20, 0.0, apcorr_err, 0.0)
+        extra["APCORR"] = (np.zeros(1, np.float32), {"APCDICT": json.dumps(apc.to_dict())})
     exp = Exposure(image.astype(np.float32), np.zeros(SHAPE, np.uint32), var.astype(np.float32),
-                   {"BAND": "r", "MAGZERO": 31.4, "MJD-MID": mjd}, dict(wcs.to_header()), psf.to_fits())
+                   {"BAND": "r", "MAGZERO": 31.4, "MJD-MID": mjd}, dict(wcs.to_header()), psf.to_fits(), extra)
     inputs = {("calexp", did): repo.stage_file("calexp", did, RUN, lambda p: write_exposure(p, exp))}
     # Objects at the coadd (mean-epoch) position = the stars' positions at T0 with this parallax-free model
     # (the test's mean epoch is T0); the galaxy is extended
@@ -104,7 +109,7 @@ def _setup(tmp_path, with_stars: bool):
                  "nMeasurements": np.full(3, 20, np.int64), "refId": np.array([-1, 5, -1], np.int64)}
         inputs[("relcal_stars", inst)] = repo.stage_file("relcal_stars", inst, RUN,
                                                          lambda p: write_parquet(p, table_from_columns(stars, {}, {})))
-    ctx = QuantumContext(repo, RUN, "forced", did, ForcedConfig(), inputs, release_id=1,
+    ctx = QuantumContext(repo, RUN, "forced", did, config or ForcedConfig(), inputs, release_id=1,
                          log=logging.LoggerAdapter(logging.getLogger("test_forced_stage"), {}))
     return ctx, flux, (x, y)
 
@@ -176,3 +181,18 @@ def test_plan_adds_relcal_stars_when_produced(monkeypatch):
         (spec,) = ForcedStage().plan(ctx, ForcedConfig())
         assert (("relcal_stars", inst) in spec.inputs) is expect
         assert ("relcal_solution", inst) in spec.inputs
+
+
+def test_errors_carry_the_aperture_correction_uncertainty(tmp_path):
+    """With the calexp's aperture correction known to 1 %, psfFluxErrCalib = 1 % of |psfFlux| and psfFluxErr
+    is the statistical error (the same run with calibration_errors off) in quadrature with it."""
+    ctx, _, _ = _setup(tmp_path / "a", with_stars=True, apcorr_err=0.01)
+    fs, _ = _run(ctx)
+    ctx0, _, _ = _setup(tmp_path / "b", with_stars=True, apcorr_err=0.01, config=ForcedConfig(calibration_errors=False))
+    fs0, _ = _run(ctx0)
+    o, o0 = np.argsort(fs["objectId"]), np.argsort(fs0["objectId"])
+    np.testing.assert_allclose(fs["psfFlux"][o], fs0["psfFlux"][o0])
+    np.testing.assert_allclose(fs["psfFluxErrCalib"][o], 0.01 * np.abs(fs["psfFlux"][o]))
+    np.testing.assert_allclose(fs["psfFluxErr"][o], np.hypot(fs0["psfFluxErr"][o0], fs["psfFluxErrCalib"][o]))
+    assert np.all(fs0["psfFluxErrCalib"] == 0)
+    assert np.all(fs["psfFluxErr"][o] > 2 * fs0["psfFluxErr"][o0])  # S/N ~ 500-1000 stars: calibration-limited

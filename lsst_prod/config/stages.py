@@ -217,6 +217,9 @@ class ForcedConfig(StageConfig):
                                                     "stamp and fit again (a faint object 5-10\" from a bright star)")
     telescope_diameter_m: float = Field(8.36, ge=0, description="primary mirror diameter, m: the Airy wings (0: left out)")
     telescope_obscuration: float = Field(0.61, ge=0, lt=1, description="linear central obscuration (fraction)")
+    calibration_errors: bool = Field(True, description="psfFluxErr includes the calibration's uncertainty in "
+                                                      "each visit (the aperture correction's at the object), "
+                                                      "also given alone as psfFluxErrCalib")
     psf_profile_error: bool = Field(True, description="errors include the PSF model's per-pixel error (the "
                                                      "calexp PSF's PROFERR, measured on its stars) from every "
                                                      "object's model light, as DAOPHOT's profile error")

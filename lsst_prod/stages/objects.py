@@ -363,6 +363,14 @@ class ForcedStage(Stage):
         res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on], wings=wings,
                                     profile_error=psf.profile_error if cfg.psf_profile_error else 0.0)
         ac = apc(x[on], y[on]) if apc is not None else 1.0
+        # the calibration's own uncertainty in this visit, which the fluxes of a light curve carry independently
+        # from visit to visit: the aperture correction's at each position (relcal's zero-point errors are
+        # marginal ones, dominated on a sparse sky by the reference catalogue's anchoring, common to every
+        # visit: they would overstate it; docs/algorithms-objects.md)
+        cal_frac = apc.error_at(x[on], y[on]) / ac if (cfg.calibration_errors and apc is not None) \
+            else np.zeros(int(on.sum()))
+        flux_out, stat_err = res["psfFlux"] * ac * calib, res["psfFluxErr"] * ac * calib
+        cal_err = np.abs(flux_out) * cal_frac
         star_id = np.full(len(moved), -1, np.int64)
         if moved.any():
             star_id[moved] = stars["starId"][star_of[moved]]
@@ -370,14 +378,14 @@ class ForcedStage(Stage):
             "objectId": ids[on], "visit": np.full(on.sum(), visit, np.int64),
             "detector": np.full(on.sum(), detector, np.int32), "band": np.full(on.sum(), exp.metadata["BAND"]),
             "coord_ra": ras[on], "coord_dec": decs[on], "x": x[on], "y": y[on],
-            "psfFlux": res["psfFlux"] * ac * calib, "psfFluxErr": res["psfFluxErr"] * ac * calib,
+            "psfFlux": flux_out, "psfFluxErr": np.hypot(stat_err, cal_err), "psfFluxErrCalib": cal_err,
             "psfFlux_flag": np.asarray(res["psfFlux_flag"], bool),
             "coord_propagated": moved[on], "relcalStarId": star_id[on].astype(np.int64),
             "expMidptMJD": np.full(on.sum(), mjd),
         }
         positions = "relcal_stars" if stars is not None else "object (no relcal_stars input)"
-        table = table_from_columns(cols, {"psfFlux": "nJy", "psfFluxErr": "nJy", "coord_ra": "deg",
-                                          "coord_dec": "deg", "expMidptMJD": "d"},
+        table = table_from_columns(cols, {"psfFlux": "nJy", "psfFluxErr": "nJy", "psfFluxErrCalib": "nJy",
+                                          "coord_ra": "deg", "coord_dec": "deg", "expMidptMJD": "d"},
                                    {"release_id": ctx.release_id, "zero_point": zp, "positions": positions})
         ctx.put("forcedSource", lambda path: write_parquet(path, table))
         ctx.summary.update(n_forced=int(on.sum()), n_moved=int(moved[on].sum()), positions=positions,
