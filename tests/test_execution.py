@@ -288,3 +288,16 @@ def test_a_required_input_still_blocks(gather_graph):
     t = gather_graph
     result = t.make_driver(_inj("a0", "a1", "a2")).execute()
     assert len(result.failed) == 3 and result.counts["blocked"] == 2 and result.counts["succeeded"] == 0
+
+
+def test_a_failed_fits_write_on_a_nearly_full_disk_is_storage_full(tmp_path, monkeypatch):
+    """cfitsio reports ENOSPC as "status 106" without an errno, and the failed file is gone by the time the
+    worker looks: a FITS write failure with less than 1 GiB free is a full disk (not retried); with room
+    to spare, or another error, it is not."""
+    exc = OSError("FITSIO status = 252: 1st key not SIMPLE or XTENSION\nFITSIO status = 106: error writing to FITS file")
+    monkeypatch.setattr(worker.os, "statvfs", lambda p: SimpleNamespace(f_bavail=29 << 20, f_frsize=1))
+    said = worker.storage_problem(exc, str(tmp_path))
+    assert said and "disk is full" in said and "29 MiB free" in said
+    assert worker.storage_problem(OSError("permission denied"), str(tmp_path)) is None
+    monkeypatch.setattr(worker.os, "statvfs", lambda p: SimpleNamespace(f_bavail=50 << 30, f_frsize=1))
+    assert worker.storage_problem(exc, str(tmp_path)) is None

@@ -126,6 +126,11 @@ class _MemoryLimit:
 #: Below this much free space a failed write is attributed to a full disk, whatever the library
 #: that failed said (cfitsio reports "status 252", arrow "IOError").
 LOW_SPACE_BYTES = 16 << 20
+#: cfitsio reports a failed write (ENOSPC included) as status 106 without the errno; a write that fails
+#: with less than this free is taken for a full disk (the failed file has been removed by then, so the
+#: free space is back above LOW_SPACE_BYTES: seen on a 252 GB disk with 29 MB free, a coadd retried 3 times)
+WRITE_FAILURE_SPACE_BYTES = 1 << 30
+_WRITE_FAILURE_MARKERS = ("FITSIO status = 106", "error writing to FITS file")
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "the file system is read-only"}
 
@@ -140,6 +145,9 @@ def storage_problem(exc: BaseException, repo_root: str) -> str | None:
     except OSError:
         return None
     free = st.f_bavail * st.f_frsize
+    if free < WRITE_FAILURE_SPACE_BYTES and any(m in str(exc) for m in _WRITE_FAILURE_MARKERS):
+        return (f"a FITS write failed under {repo_root} with {free // 2**20} MiB free (cfitsio: "
+                f"{str(exc).splitlines()[0][:120]}): the disk is full; free space, then `lsst-prod restart`")
     if free < LOW_SPACE_BYTES:
         return (f"no space left under {repo_root} ({free // 1024} KiB free) while the quantum failed with "
                 f"{type(exc).__name__}: {str(exc)[:200]}; free space, then `lsst-prod restart`")
