@@ -195,18 +195,27 @@ class PsfCandidates:
         return int(self.x.shape[0])
 
 
-def _robust_plane_inliers(val: np.ndarray, x: np.ndarray, y: np.ndarray, clip: float, floor: float) -> np.ndarray:
-    """Inliers of ``val ~ a + b x + c y`` by iterative MAD clipping (floor on the scale)."""
+def _robust_plane_inliers(val: np.ndarray, x: np.ndarray, y: np.ndarray, clip: float, floor: float,
+                          min_plane: int = 10) -> np.ndarray:
+    """Inliers of ``val ~ a + b x + c y`` by iterative MAD clipping (floor on the scale).
+
+    The clipping starts from a constant (median, MAD): a plane least-squares fitted to every point is
+    pulled by the outliers, and with a handful of points it can end on them (a sparse detector's 7 stars
+    and 2 galaxies of S/N > 50: the plane through all nine kept one star).  The plane is fitted only to
+    at least ``min_plane`` inliers, and an iteration that would leave fewer is not taken.
+    """
+    val = np.asarray(val, float)
+    dev = np.abs(val - np.median(val))
+    keep = dev < clip * max(1.4826 * float(np.median(dev)), floor)
+    if keep.sum() < min_plane:
+        return keep
     a = np.column_stack([np.ones_like(x), x, y])
-    keep = np.ones(len(val), dtype=bool)
     for _ in range(5):
-        if keep.sum() < 4:
-            break
         coef, *_ = np.linalg.lstsq(a[keep], val[keep], rcond=None)
         res = val - a @ coef
         scale = max(1.4826 * np.median(np.abs(res[keep] - np.median(res[keep]))), floor)
         new = np.abs(res) < clip * scale
-        if np.array_equal(new, keep):
+        if new.sum() < min_plane or np.array_equal(new, keep):
             break
         keep = new
     return keep

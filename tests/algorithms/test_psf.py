@@ -339,3 +339,20 @@ def test_smooth_wings_replace_noisy_outskirts_by_the_fitted_kolmogorov_wing():
     assert err_after < err_before / 20
     small = clean[: 11 * 11]
     np.testing.assert_array_equal(smooth_wings(small, 11, 2.0), small)
+
+
+def test_stellar_locus_of_a_sparse_detector():
+    """The 9 sources of S/N > 50 of a sparse-north detector (visit 2501200004, detector 0; adaptive-moment
+    T = ixx + iyy and e1, e2 as measured there): 7 stars (T 8.8-10.4) and 2 galaxies (T 25, 33).  The locus
+    keeps the 7 stars and drops the galaxies; the plane least-squares fitted to all nine used to end on
+    one star, and the detector failed for want of a PSF star."""
+    from lsst_prod.algorithms.psf import _robust_plane_inliers
+
+    pts = np.array([(979, 409, 9.10, 0.015, 0.018), (250, 412, 9.55, -0.027, 0.052), (877, 426, 8.77, -0.003, 0.009),
+                    (842, 429, 9.03, 0.063, 0.053), (12, 438, 10.43, -0.038, 0.059), (270, 499, 32.91, 0.126, -0.056),
+                    (919, 624, 24.96, -0.059, 0.116), (383, 739, 9.29, -0.010, 0.030), (531, 820, 9.11, -0.003, 0.028)])
+    xs, ys = pts[:, 0] / 1024, pts[:, 1] / 1024
+    keep = _robust_plane_inliers(np.log(pts[:, 2]), xs, ys, 3.0, 0.02)
+    keep &= _robust_plane_inliers(pts[:, 3], xs, ys, 3.0, 0.01)
+    keep &= _robust_plane_inliers(pts[:, 4], xs, ys, 3.0, 0.01)
+    assert keep.tolist() == [True] * 5 + [False, False] + [True] * 2
