@@ -83,6 +83,7 @@ def forced_psf_photometry(
     max_dense_group: int = 300,
     wings: tuple[float, float, float] | None = None,
     profile_error: float = 0.0,
+    unmodelled_threshold: float | None = 5.0,
 ) -> dict[str, np.ndarray]:
     """PSF fluxes (image units) of objects at fixed pixel positions (x, y).
 
@@ -97,7 +98,14 @@ def forced_psf_photometry(
     PSF model's fractional per-pixel error, :func:`~lsst_prod.algorithms.psf.profile_error`): the errors
     include the model's error, a variance ``(e a_j p_j)^2`` per pixel from every fitted object j (DAOPHOT's
     profile error), so that a faint object inside a bright star's stamp, or a bright star itself, is not
-    given the precision of its photons alone.  Returns a dict
+    given the precision of its photons alone.  ``unmodelled_threshold``: light that no object of the list
+    models (a transient, an asteroid, a cosmic ray the calexp kept) is found as peaks of at least that many
+    sigma in the PSF-matched residual image, more than 1 FWHM from every fitted object; an object whose flux
+    such a peak biases by more than its error (the peak's flux times the PSF's normalised autocorrelation at
+    their separation) is flagged ``psfFlux_flag_unmodelled`` (:func:`unmodelled_light`; None: not looked
+    for).  Not part of ``psfFlux_flag``: an extended object's own light beyond the PSF sets it too (18 % of
+    the galaxies' rows on ra-wrap, 0.4 % of the point sources'), and a galaxy's PSF flux (a nucleus's
+    variability) is still a measurement; a point source's light curve should leave flagged rows out.  Returns a dict
     of columns (one row per object, in input order): ``x, y, psfFlux, psfFluxErr,
     psfFlux_flag, psfFlux_flag_edge, psfFlux_flag_noGoodPixels, psfFlux_flag_masked,
     psfFlux_group, psfFlux_nGroup, pixelFlags_nodata, pixelFlags_saturatedCenter,
@@ -202,6 +210,7 @@ def forced_psf_photometry(
             flux[fit[members]], err[fit[members]] = amp, np.sqrt(np.maximum(avar, 0.0))
 
     solve(b)
+    wing_img = None
     if wings is not None and len(fit):
         # pass 2: the fitted objects' wings beyond their stamps off the data (each object's own stamp is left
         # as it was: its wing image is zero there), and the amplitudes fitted again
@@ -232,17 +241,101 @@ def forced_psf_photometry(
             mmat = sparse.csr_matrix((np.r_[mij, mij, mdiag[fit]], (sym_r, sym_c)), shape=(len(fit),) * 2)
         solve(b)
 
+    unmodelled = np.zeros(n, bool)
+    if unmodelled_threshold is not None and len(fit):
+        amps = np.where(np.isfinite(flux), flux, 0.0)
+        model = np.zeros(image.shape)
+        for i in fit:
+            xa, ya, xb, yb = max(ix[i] - c, 0), max(iy[i] - c, 0), min(ix[i] + c + 1, nx), min(iy[i] + c + 1, ny)
+            if xa < xb and ya < yb:
+                model[ya:yb, xa:xb] += amps[i] * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c]
+        if wings is not None and wing_img is not None:
+            model += wing_img
+        centre_psf = psf.image_at(float(nx // 2), float(ny // 2), size)
+        unmodelled = unmodelled_light(np.where(usable, img - model, 0.0), usable, bgvar, centre_psf,
+                                      x[fit], y[fit], err[fit], float(unmodelled_threshold), n_out=n, rows=fit,
+                                      model=np.where(usable, model, 0.0))
+
     no_good = ~on | (ndiag <= 0)
     masked = on & (lost - off_frac > 1e-3)
     flux[~centre_on], err[~centre_on] = np.nan, np.nan  # fitted for their neighbours' sake only
     return {
         "x": x, "y": y, "psfFlux": flux, "psfFluxErr": err,
         "psfFlux_flag": no_good | ~centre_on | (lost > max_masked_fraction) | ~np.isfinite(flux) | ~np.isfinite(err),
+        "psfFlux_flag_unmodelled": unmodelled,
         "psfFlux_flag_edge": on & (off_frac > 1e-3), "psfFlux_flag_noGoodPixels": no_good | ~centre_on,
         "psfFlux_flag_masked": masked, "psfFlux_group": group, "psfFlux_nGroup": n_group,
         "pixelFlags_nodata": (centre & masks.NO_DATA) != 0, "pixelFlags_saturatedCenter": (centre & masks.SAT) != 0,
         "pixelFlags_crCenter": (centre & masks.CR) != 0, "pixelFlags_interpolatedCenter": (centre & masks.INTRP) != 0,
     }
+
+
+#: unmodelled light must be at least this fraction of the model's own (PSF-matched) light where it is: the
+#: residual of a bright star's model error (1-2 % of it) is not a source of its own
+UNMODELLED_MIN_MODEL_FRACTION = 0.1
+
+
+def unmodelled_light(residual: np.ndarray, usable: np.ndarray, bgvar: np.ndarray, psf_stamp: np.ndarray,
+                     x: np.ndarray, y: np.ndarray, err: np.ndarray, threshold: float, n_out: int,
+                     rows: np.ndarray, model: np.ndarray | None = None) -> np.ndarray:
+    """Which objects unmodelled light biases by more than their error (bool, ``n_out`` rows; the objects
+    (x, y, err) are rows ``rows`` of it).
+
+    ``residual`` = data - the fitted model (0 where not ``usable``), ``bgvar`` the background variance
+    image, ``psf_stamp`` a unit-sum PSF (size S).  The residual is PSF-matched (``R * p / sum p^2``, the
+    flux a point source there would have) and divided by its noise ``sqrt(bgvar / sum p^2)``; local
+    maxima of at least ``threshold`` sigma, more than 1 FWHM from every object (nearer, a fitted object's
+    own model error or variability cannot be told from extra light) and, with the fitted ``model`` image
+    given, at least ``UNMODELLED_MIN_MODEL_FRACTION`` of its PSF-matched light there (a bright star's model
+    error leaves residuals of 1-2 % of it), are unmodelled sources.  A peak of
+    flux F at separation d biases an object by about ``F A(d)``, A the PSF's autocorrelation normalised
+    to 1 at 0 (the least-squares share of a neighbour's light); the object is flagged when that exceeds
+    its error.
+    """
+    from scipy import ndimage
+    from scipy.signal import fftconvolve
+
+    out = np.zeros(n_out, bool)
+    p = np.asarray(psf_stamp, float)
+    p2 = float(np.sum(p * p))
+    if not (p2 > 0 and len(x)):
+        return out
+    matched = fftconvolve(residual, p[::-1, ::-1], mode="same") / p2
+    noise = np.sqrt(np.maximum(fftconvolve(np.where(usable, bgvar, 0.0), (p * p)[::-1, ::-1], mode="same"), 0.0)) / p2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(noise > 0, matched / noise, 0.0)
+    half = p.shape[0] // 2
+    auto = fftconvolve(p, p[::-1, ::-1], mode="full")[half: half + p.shape[0], half: half + p.shape[0]]
+    auto = auto / auto[half, half]  # A(d), d = offset - half, normalised to 1 at 0
+    from .psf import FWHM_PER_SIGMA, adaptive_moments
+
+    mom = adaptive_moments(p[None])  # the core's size (unweighted moments are the wings')
+    det = float(mom["ixx"][0] * mom["iyy"][0] - mom["ixy"][0] ** 2) if mom["ok"][0] else 0.0
+    mom_fwhm = FWHM_PER_SIGMA * det ** 0.25 if det > 0 else 2.0
+    ny, nx = residual.shape
+    near = np.zeros(residual.shape, bool)
+    r_ex = int(math.ceil(mom_fwhm))
+    for xi, yi in zip(np.rint(x).astype(int), np.rint(y).astype(int)):
+        xa, xb, ya, yb = max(xi - r_ex, 0), min(xi + r_ex + 1, nx), max(yi - r_ex, 0), min(yi + r_ex + 1, ny)
+        if xa < xb and ya < yb:
+            yy, xx = np.mgrid[ya:yb, xa:xb]
+            near[ya:yb, xa:xb] |= np.hypot(xx - xi, yy - yi) <= mom_fwhm
+    peaks = (snr >= threshold) & ~near & usable & (snr == ndimage.maximum_filter(snr, size=3))
+    if model is not None:
+        peaks &= matched >= UNMODELLED_MIN_MODEL_FRACTION * fftconvolve(model, p[::-1, ::-1], mode="same") / p2
+    py, px = np.nonzero(peaks)
+    if not len(px):
+        return out
+    tree = cKDTree(np.column_stack([px, py]))
+    for k, (xi, yi, e) in enumerate(zip(x, y, err)):
+        if not (np.isfinite(xi) and np.isfinite(yi) and np.isfinite(e) and e > 0):
+            continue
+        bias = 0.0
+        for j in tree.query_ball_point([xi, yi], r=half, p=np.inf):
+            dx, dy = int(px[j] - round(xi)), int(py[j] - round(yi))
+            bias += abs(float(matched[py[j], px[j]])) * float(auto[half + dy, half + dx])
+        out[rows[k]] = bias > e
+    return out
 
 
 def neighbour_wing_image(shape: tuple[int, int], x, y, amp, half: int, fwhm_pix: float,

@@ -361,7 +361,8 @@ class ForcedStage(Stage):
             calexp_scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600)
             wings = (fwhm, *diffraction_pixels(cfg, str(exp.metadata["BAND"]), calexp_scale))
         res = forced_psf_photometry(exp.image, exp.variance, exp.mask, psf, x[on], y[on], wings=wings,
-                                    profile_error=psf.profile_error if cfg.psf_profile_error else 0.0)
+                                    profile_error=psf.profile_error if cfg.psf_profile_error else 0.0,
+                                    unmodelled_threshold=cfg.unmodelled_threshold_sigma)
         ac = apc(x[on], y[on]) if apc is not None else 1.0
         # the calibration's own uncertainty in this visit, which the fluxes of a light curve carry independently
         # from visit to visit: the aperture correction's at each position (relcal's zero-point errors are
@@ -380,6 +381,7 @@ class ForcedStage(Stage):
             "coord_ra": ras[on], "coord_dec": decs[on], "x": x[on], "y": y[on],
             "psfFlux": flux_out, "psfFluxErr": np.hypot(stat_err, cal_err), "psfFluxErrCalib": cal_err,
             "psfFlux_flag": np.asarray(res["psfFlux_flag"], bool),
+            "psfFlux_flag_unmodelled": np.asarray(res["psfFlux_flag_unmodelled"], bool),
             "coord_propagated": moved[on], "relcalStarId": star_id[on].astype(np.int64),
             "expMidptMJD": np.full(on.sum(), mjd),
         }

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 from scipy import optimize, stats
 from scipy.spatial import cKDTree
 
@@ -175,7 +176,15 @@ def load_objects(repo: Repository, run: str) -> ObjectInputs | None:
     forced = None
     frefs = repo.query("forcedSource", [run])
     if frefs:
-        parts = [read_columns(repo.path_of(r), list(FORCED_COLUMNS)) for r in frefs]
+        parts = []
+        for r in frefs:
+            path = repo.path_of(r)
+            has_unmodelled = "psfFlux_flag_unmodelled" in pq.read_schema(path).names
+            part = read_columns(path, list(FORCED_COLUMNS) + (["psfFlux_flag_unmodelled"] if has_unmodelled else []))
+            # a star's light curve leaves out what unmodelled light (a transient, an asteroid) biased
+            part["psfFlux_flag"] = np.asarray(part["psfFlux_flag"], bool) | np.asarray(
+                part.pop("psfFlux_flag_unmodelled", np.zeros(len(part["objectId"]), bool)), bool)
+            parts.append(part)
         forced = {k: np.concatenate([p[k] for p in parts]) for k in FORCED_COLUMNS}
     from .provenance import enabled_stages
 

@@ -419,3 +419,30 @@ def test_profile_error_gives_honest_errors_next_to_a_bright_star():
     assert np.all(np.abs(honest - 1.0) < 0.12), honest  # 400 draws: the std's own error is ~0.035
     assert naive[0] > 3.0 and naive[1] > 1.3, naive
     assert np.all(np.abs(np.mean(pulls[e], axis=0)) < 0.15)
+
+
+def test_unmodelled_light_is_flagged():
+    """A transient (or an asteroid) 20-100x brighter than a star, 1.5-2.5 FWHM from it and not among the
+    objects, biases the star's forced flux: the star is flagged psfFlux_flag_unmodelled (not psfFlux_flag:
+    the flux was measured); the same stars without it, and 300 random stars with their neighbours all
+    listed, are not."""
+    rng = np.random.default_rng(21)
+    psf = GalSimPsf(fwhm=4.0, size=25)
+    shape = (200, 200)
+    xs, ys = np.array([50.3, 150.2, 60.1, 140.6]), np.array([50.4, 60.7, 150.2, 140.3])
+    fs = np.full(4, 3e3)
+    extra = [(50.3 + 6.0, 50.4, 2e5), (150.2, 60.7 + 8.0, 6e4), (60.1 + 10.0, 150.2 + 3.0, 3e5)]  # star 4: none
+    clean = _field(psf, xs, ys, fs, shape)
+    dirty = clean + _field(psf, [e[0] for e in extra], [e[1] for e in extra], [e[2] for e in extra], shape)
+    image, var = _observe(dirty, rng)
+    out = forced_psf_photometry(image, var, None, psf, xs, ys, background_variance=SKY)
+    assert out["psfFlux_flag_unmodelled"].tolist() == [True, True, True, False], out["psfFlux"]
+    assert not out["psfFlux_flag"].any()
+    assert np.all(out["psfFlux"][:3] > fs[:3] + 3 * out["psfFluxErr"][:3])  # what the flag is for
+    image, var = _observe(clean, rng)
+    assert not forced_psf_photometry(image, var, None, psf, xs, ys, background_variance=SKY)["psfFlux_flag_unmodelled"].any()
+    n = 300
+    x, y = rng.uniform(15, 585, n), rng.uniform(15, 585, n)
+    flux = np.exp(rng.uniform(np.log(2e3), np.log(3e5), n))
+    image, var = _observe(_field(psf, x, y, flux, (600, 600)), rng)
+    assert not forced_psf_photometry(image, var, None, psf, x, y, background_variance=SKY)["psfFlux_flag_unmodelled"].any()
