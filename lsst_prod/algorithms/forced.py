@@ -43,6 +43,7 @@ from . import masks
 from .apcorr import KOLMOGOROV_WING_INDEX, kolmogorov_wing_amplitude
 from .astrometry import propagate_positions
 from .measure import _MAX_WING_HALF, _WING_FLOOR, _gather
+from .psf import stamp_fwhm
 from .relcal_astrometry import gnomonic, remove_astrometric_correction  # noqa: F401 (re-exported)
 from .relcal_normals import MAS_PER_RAD
 
@@ -181,6 +182,16 @@ def forced_psf_photometry(
             nij[k], mij[k] = prod.sum(), (prod * wsub * varimg[ya:yb, xa:xb]).sum()
         return nij, mij
 
+    def painted(rows: np.ndarray, scale: np.ndarray, power: int = 1) -> np.ndarray:
+        """The image of sum over ``rows`` of (scale_i x stamp_i)^power, each stamp at its object."""
+        out = np.zeros(image.shape)
+        for i in rows:
+            xa, ya, xb, yb = max(ix[i] - c, 0), max(iy[i] - c, 0), min(ix[i] + c + 1, nx), min(iy[i] + c + 1, ny)
+            if xa < xb and ya < yb:
+                out[ya:yb, xa:xb] += (scale[i] * stamps[i][ya - iy[i] + c: yb - iy[i] + c,
+                                                           xa - ix[i] + c: xb - ix[i] + c]) ** power
+        return out
+
     nij, mij = overlaps(pi, pj, var)
     keep = nij != 0
     pi, pj, nij, mij = pi[keep], pj[keep], nij[keep], mij[keep]
@@ -225,12 +236,7 @@ def forced_psf_photometry(
         # the errors again, with the model's variance (e a_j p_j)^2 of every fitted object j added to the
         # pixels' (the amplitudes, which the weights and the data set, are unchanged)
         amps = np.where(np.isfinite(flux) & (flux > 0), flux, 0.0)
-        model_var = np.zeros(image.shape)
-        for i in fit[amps[fit] > 0]:
-            xa, ya, xb, yb = max(ix[i] - c, 0), max(iy[i] - c, 0), min(ix[i] + c + 1, nx), min(iy[i] + c + 1, ny)
-            if xa < xb and ya < yb:
-                model_var[ya:yb, xa:xb] += (profile_error * amps[i]
-                                            * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c]) ** 2
+        model_var = painted(fit[amps[fit] > 0], profile_error * amps, power=2)
         var_m = var + np.where(usable, model_var, 0.0)
         for s0 in range(0, n, 2048):
             sl = slice(s0, min(s0 + 2048, n))
@@ -243,13 +249,8 @@ def forced_psf_photometry(
 
     unmodelled = np.zeros(n, bool)
     if unmodelled_threshold is not None and len(fit):
-        amps = np.where(np.isfinite(flux), flux, 0.0)
-        model = np.zeros(image.shape)
-        for i in fit:
-            xa, ya, xb, yb = max(ix[i] - c, 0), max(iy[i] - c, 0), min(ix[i] + c + 1, nx), min(iy[i] + c + 1, ny)
-            if xa < xb and ya < yb:
-                model[ya:yb, xa:xb] += amps[i] * stamps[i][ya - iy[i] + c: yb - iy[i] + c, xa - ix[i] + c: xb - ix[i] + c]
-        if wings is not None and wing_img is not None:
+        model = painted(fit, np.where(np.isfinite(flux), flux, 0.0))
+        if wing_img is not None:
             model += wing_img
         centre_psf = psf.image_at(float(nx // 2), float(ny // 2), size)
         unmodelled = unmodelled_light(np.where(usable, img - model, 0.0), usable, bgvar, centre_psf,
@@ -307,11 +308,9 @@ def unmodelled_light(residual: np.ndarray, usable: np.ndarray, bgvar: np.ndarray
     half = p.shape[0] // 2
     auto = fftconvolve(p, p[::-1, ::-1], mode="full")[half: half + p.shape[0], half: half + p.shape[0]]
     auto = auto / auto[half, half]  # A(d), d = offset - half, normalised to 1 at 0
-    from .psf import FWHM_PER_SIGMA, adaptive_moments
-
-    mom = adaptive_moments(p[None])  # the core's size (unweighted moments are the wings')
-    det = float(mom["ixx"][0] * mom["iyy"][0] - mom["ixy"][0] ** 2) if mom["ok"][0] else 0.0
-    mom_fwhm = FWHM_PER_SIGMA * det ** 0.25 if det > 0 else 2.0
+    mom_fwhm = stamp_fwhm(p)
+    if not mom_fwhm > 0:
+        mom_fwhm = 2.0
     ny, nx = residual.shape
     near = np.zeros(residual.shape, bool)
     r_ex = int(math.ceil(mom_fwhm))

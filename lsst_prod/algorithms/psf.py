@@ -648,6 +648,14 @@ def fit_psf(
     )
 
 
+def stamp_fwhm(stamp: np.ndarray) -> float:
+    """Gaussian-equivalent FWHM (pixels) of a centred PSF stamp from its adaptive moments (the core's size:
+    unweighted moments are the wings'); NaN when they do not converge."""
+    mom = adaptive_moments(np.asarray(stamp, np.float64)[None])
+    det = float(mom["ixx"][0] * mom["iyy"][0] - mom["ixy"][0] ** 2) if mom["ok"][0] else 0.0
+    return FWHM_PER_SIGMA * det**0.25 if det > 0 else float("nan")
+
+
 def smooth_wings(coef: np.ndarray, stamp_size: int, radius_fwhm: float,
                  index: float = KOLMOGOROV_WING_INDEX) -> np.ndarray:
     """The pixel model's coefficients (npix, n_terms) with their wings made smooth.
@@ -669,10 +677,7 @@ def smooth_wings(coef: np.ndarray, stamp_size: int, radius_fwhm: float,
     size = int(stamp_size)
     half = size // 2
     c0 = coef[:, 0].reshape(size, size)
-    mom = adaptive_moments(c0[None] / c0.sum())
-    if not mom["ok"][0]:
-        return coef
-    fwhm = FWHM_PER_SIGMA * max(float(mom["ixx"][0] * mom["iyy"][0] - mom["ixy"][0] ** 2), 0.0) ** 0.25
+    fwhm = stamp_fwhm(c0 / c0.sum())
     r_c = float(radius_fwhm) * fwhm
     if not (fwhm > 0 and r_c + 2.0 < half):
         return coef

@@ -221,9 +221,9 @@ class ForcedConfig(StageConfig):
                                                       "each visit (the aperture correction's at the object), "
                                                       "also given alone as psfFluxErrCalib")
     unmodelled_threshold_sigma: float | None = Field(
-        5.0, gt=0, description="flag (psfFlux_flag_unmodelled, and psfFlux_flag) a flux that light no object models "
-                               "(residual peaks of this many sigma, > 1 FWHM from every object) biases by more "
-                               "than its error; null: not looked for")
+        5.0, gt=0, description="flag (psfFlux_flag_unmodelled; psfFlux_flag is left as it is) a flux that light no "
+                               "object models (residual peaks of this many sigma, > 1 FWHM from every object) "
+                               "biases by more than its error; null: not looked for")
     psf_profile_error: bool = Field(True, description="errors include the PSF model's per-pixel error (the "
                                                      "calexp PSF's PROFERR, measured on its stars) from every "
                                                      "object's model light, as DAOPHOT's profile error")
